@@ -1,0 +1,44 @@
+"""probe-engine: linear classifier probes (Alain & Bengio, 2016) for real models and data.
+
+    store = engine.build_store(model, data, "probes.zarr")   # capture -> Zarr v3 store
+    store = engine.open_store("probes.zarr")
+"""
+
+from . import datasets, models
+from .build import build_store
+from .errors import (
+    DataError,
+    DatasetNotFoundError,
+    LabelNotFoundError,
+    LayerNotFoundError,
+    NonFiniteError,
+    ProbeEngineError,
+    SplitNotFoundError,
+    StoreCorruptedError,
+    StoreError,
+    StoreExistsError,
+    StoreMismatchError,
+)
+from .store import Store, VerifyReport, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "DatasetNotFoundError",
+    "LabelNotFoundError",
+    "LayerNotFoundError",
+    "NonFiniteError",
+    "ProbeEngineError",
+    "SplitNotFoundError",
+    "Store",
+    "StoreCorruptedError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreMismatchError",
+    "VerifyReport",
+    "build_store",
+    "datasets",
+    "models",
+    "open_store",
+]

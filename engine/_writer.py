@@ -1,0 +1,114 @@
+"""A background thread that compresses and writes blocks while the model runs.
+
+The capture loop fills a block (a set of per-array host buffers), hands it over, and takes a
+free one from a small pool: memory is bounded by ``pool`` blocks whatever the data size.
+Blocks are written and committed in order; the first failure stops the thread and is raised
+in the capture loop at its next hand-over (or at ``close``), naming the array and rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import StoreError
+
+
+@dataclass
+class Block:
+    """Rows [start, stop) of one split, array path -> (rows, ...) host buffer."""
+
+    split: str
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    nbytes: int = 0
+    buffers: Any = None  # what the arrays are views of, handed back by ``release``
+
+
+class BlockWriter:
+    """Writes each handed-over block's arrays to ``group``, then calls ``commit(block)``;
+    ``release(block)`` hands its buffers back to the capture loop, written or not."""
+
+    def __init__(self, group: zarr.Group, commit: Callable[[Block], None],
+                 release: Callable[[Block], None], *, depth: int = 1):
+        self.group = group
+        self.commit = commit
+        self.release = release
+        self.bytes_written = 0
+        self.seconds_busy = 0.0
+        self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._thread = threading.Thread(target=self._run, name="probe-engine-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, block: Block) -> None:
+        """Queue a block; blocks while the writer is ``depth`` blocks behind."""
+        self.raise_if_failed()
+        while True:
+            try:
+                self._queue.put(block, timeout=0.5)
+                return
+            except queue.Full:
+                self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, and raise its error if it had one."""
+        if self._thread.is_alive():
+            while True:
+                try:
+                    self._queue.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    if not self._thread.is_alive():
+                        break
+            self._thread.join()
+        self.raise_if_failed()
+
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = self._arrays[path] = self.group[path]
+        return arr
+
+    def _run(self) -> None:
+        while True:
+            block = self._queue.get()
+            if block is None:
+                return
+            if self._error is not None:
+                self.release(block)
+                continue  # drain without writing after a failure
+            t0 = time.perf_counter()
+            path = None
+            try:
+                for path, data in block.arrays.items():
+                    self._array(path)[block.start : block.stop] = data
+                path = None
+                self.commit(block)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the capture thread
+                where = f"array {path!r}" if path else "the commit"
+                err = StoreError(
+                    f"writing rows {block.start}..{block.stop} of split {block.split!r} "
+                    f"failed at {where} of {self.group.store}: {exc}. Rows before "
+                    f"{block.start} are committed; fix the cause and rerun with resume=True"
+                )
+                err.__cause__ = exc
+                self._error = err
+            else:
+                self.bytes_written += block.nbytes
+                self.seconds_busy += time.perf_counter() - t0
+            finally:
+                self.release(block)

@@ -1,0 +1,470 @@
+"""``build_store``: run a frozen model over every split and stream its probe-site activations
+into a feature store.
+
+The capture loop fills blocks of rows (a multiple of the batch size, a whole number of chunks
+of every array) in host buffers straight from the forward hooks; a background thread
+compresses, writes and commits each block while the model runs the next. A block is
+committed (``rows_committed`` advanced) only after all of its arrays are on disk, so an
+interrupted build resumes at its first uncommitted block and ends with the same arrays.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import queue
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import store as _store
+from ._data import SplitSource, compute_extra, extra_labels, resolve_splits, sample_digest
+from ._fingerprint import differences, model_fingerprint
+from ._writer import Block, BlockWriter
+from .capture import Site, _check_sites, discover_sites, hooked, select_modules
+from .errors import DataError, NonFiniteError, StoreError, StoreExistsError, StoreMismatchError
+from .reduce import Reduction, resolve_reduction
+from .store import ATTR, DTYPES, FORMAT_VERSION, Store
+
+__all__ = ["build_store"]
+
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_store(
+    model: nn.Module,
+    data: Any,
+    path: str | os.PathLike = "probes.zarr",
+    *,
+    layers: Any = "auto",
+    sites: Sequence[str] | str = ("output",),
+    reduce: str | Mapping[str, str] = "auto",
+    max_features: int = 8192,
+    dtype: str = "float16",
+    labels: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    valid_size: int | float | str = "auto",
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    autocast: str | None = None,
+    channels_last: bool = False,
+    block_bytes: int = 64 << 20,
+    compressor: str = "lz4",
+    nan_policy: str = "raise",
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Store:
+    """Capture the activations of ``layers`` of ``model`` on ``data`` into a store at ``path``.
+
+    Args:
+        model: a frozen ``nn.Module``; run in eval mode under ``torch.inference_mode``, its
+            training flags, device and memory format restored afterwards.
+        data: a Dataset or DataLoader of ``(input, int label)``, or a mapping of split name
+            to one. A single dataset, or a mapping without ``"valid"``, gives ``valid_size``
+            rows of its ``"train"`` split (seeded by ``seed``) to a ``"valid"`` split.
+        layers: ``"auto"`` (the model input and every conv, linear, activation and pooling
+            module), or names, globs and module types; see :func:`engine.capture.select_modules`.
+        sites: ``"output"`` and/or ``"input"`` side of each selected module.
+        reduce: ``"none"``, ``"pool"``, ``"pool:HxW"``, ``"subsample:K"`` or ``"auto"``
+            (by ``max_features``), or a dict of layer key / module name / glob -> spec
+            (unlisted layers: ``"auto"``).
+        dtype: storage dtype, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        labels: extra label arrays, ``{name: callable(y) -> labels or array indexed by the
+            source dataset's item index}``, stored beside ``y``.
+        num_classes: number of classes of ``y``; default ``len(dataset.classes)`` when the
+            dataset has ``classes``, else the largest label + 1.
+        batch_size: rows per forward pass (default: the DataLoader's, else 256).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
+        autocast: ``"bfloat16"`` / ``"float16"`` runs the forward under ``torch.autocast``.
+        channels_last: run conv nets in channels-last memory format.
+        block_bytes: host bytes of one block of rows (all layers); two blocks are in flight.
+        nan_policy: ``"raise"`` on NaN / inf activations (naming layer and row) or ``"ignore"``.
+        resume: continue an interrupted build at ``path`` made with the same model, data and
+            config (anything else is refused, naming the difference).
+        overwrite: replace an existing store at ``path``; never deletes anything that is not
+            a probe-engine store.
+
+    Returns:
+        The :class:`Store`, complete.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if nan_policy not in ("raise", "ignore"):
+        raise ValueError(f"nan_policy must be 'raise' or 'ignore', not {nan_policy!r}")
+    if autocast not in _AUTOCAST:
+        raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', not {autocast!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    sides = _check_sites(sites)
+    path = str(path)
+
+    splits = resolve_splits(data, valid_size=valid_size, seed=seed)
+    extras = extra_labels(labels, splits)
+    batch_size = int(batch_size or splits[0].batch_size or 256)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+
+    existing = _store.describe_path(path)
+    if existing is not None and existing != "a probe-engine store":
+        raise StoreError(f"{path} holds {existing}, not a probe-engine store; choose another "
+                         f"path (nothing there was changed)")
+    if existing and not overwrite and not resume:
+        raise StoreExistsError(f"a store already exists at {path}; pass resume=True to finish "
+                               f"or reuse it, overwrite=True to replace it, or another path")
+    _check_writable(path)
+
+    modules = select_modules(model, layers)
+    run = _Runner(model, _resolve_device(model, device), autocast, channels_last)
+    with run:
+        first = splits[0]
+        probe = first.fetch(list(range(min(2, first.rows))))
+        found = discover_sites(model, modules, sides, lambda: run.forward(probe.inputs))
+        reductions = {
+            site.key: resolve_reduction(_spec_for(reduce, site), shape, key=site.key,
+                                        max_features=max_features, seed=seed)
+            for site, shape in found
+        }
+        meta = _metadata(model, splits, found, reductions, extras, num_classes,
+                         dtype=dtype, batch_size=batch_size, block_bytes=block_bytes, seed=seed,
+                         valid_size=valid_size, max_features=max_features, autocast=autocast,
+                         channels_last=channels_last, compressor=compressor, sides=sides)
+        if existing and overwrite:
+            _store.remove_store(path)
+            existing = None
+        if existing:
+            group = _reopen(path, meta)
+        else:
+            group = _create(path, meta, reductions, compressor)
+        store_meta = dict(group.attrs[ATTR])
+        _capture(run, group, store_meta, splits, [s for s, _ in found], reductions, extras,
+                 dtype=dtype, sides=sides, batch_size=batch_size, nan_policy=nan_policy,
+                 progress=progress, path=path)
+    return Store(path)
+
+
+# -- set-up ------------------------------------------------------------------------------
+def _resolve_device(model: nn.Module, device: str | torch.device) -> torch.device:
+    if device == "auto":
+        params = list(model.parameters())
+        if params and params[0].device.type != "cpu":
+            return params[0].device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"device {device!r} does not exist here ({n} CUDA device(s)); "
+                         f"use device='cpu' or 'auto'")
+    return dev
+
+
+def _check_writable(path: str) -> None:
+    if not _store.is_local(path):
+        return
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not os.access(p, os.W_OK):
+        raise StoreError(f"cannot write to {p} (read-only or no permission); choose a "
+                         f"writable path for the store")
+
+
+def _spec_for(reduce: str | Mapping[str, str], site: Site) -> str:
+    if isinstance(reduce, str):
+        return reduce
+    if not isinstance(reduce, Mapping):
+        raise ValueError(f"reduce must be a spec string or a dict, not {reduce!r}")
+    for key in (site.key, site.module or "input"):
+        if key in reduce:
+            return reduce[key]
+    for pattern, spec in reduce.items():
+        if fnmatch.fnmatchcase(site.key, pattern):
+            return spec
+    return "auto"
+
+
+def _metadata(model, splits: list[SplitSource], found, reductions: dict[str, Reduction],
+              extras: dict, num_classes: int | None, **config) -> dict:
+    dim_sum = sum(r.dim for r in reductions.values())
+    row_bytes = dim_sum * DTYPES[config["dtype"]][0].itemsize
+    batch_size = config["batch_size"]
+    block_rows = batch_size * max(1, config.pop("block_bytes") // max(1, row_bytes * batch_size))
+    classes = getattr(splits[0].dataset, "classes", None)
+    if num_classes is None and classes is not None:
+        num_classes = len(classes)
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": model_fingerprint(model),
+        "dataset": {
+            "type": type(splits[0].dataset).__name__,
+            "split_seed": config["seed"],
+            "splits": {
+                s.name: {"source": s.source, "rows": s.rows, "digest": sample_digest(s)}
+                for s in splits
+            },
+            "num_classes": num_classes,
+            "classes": list(map(str, classes)) if classes is not None else None,
+        },
+        "layers": [
+            {"name": site.key, "module": site.module, "site": site.side, "call": site.call,
+             "shape": list(shape), "dim": reductions[site.key].dim,
+             "reduction": reductions[site.key].spec}
+            for site, shape in found
+        ],
+        "splits": {s.name: {"rows": s.rows, "rows_committed": 0} for s in splits},
+        "config": {**config, "sites": list(config["sides"]), "block_rows": block_rows,
+                   "labels": ["y", *sorted(extras)]},
+    }
+    del meta["config"]["sides"]
+    return json.loads(json.dumps(meta))
+
+
+def _reopen(path: str, meta: dict) -> zarr.Group:
+    group = zarr.open_group(_store._zarr_store(path, read_only=False), mode="r+")
+    stored = dict(group.attrs[ATTR])
+    if stored.get("format") != FORMAT_VERSION:
+        raise StoreError(f"{path} has store format {stored.get('format')!r}; this "
+                         f"probe-engine writes format {FORMAT_VERSION}; use another path")
+    keys = ("model", "dataset", "layers", "config")
+    diff = differences({k: stored.get(k) for k in keys}, {k: meta[k] for k in keys})
+    if diff:
+        raise StoreMismatchError(
+            f"the store at {path} was built with another model, data or config, so it cannot "
+            f"be resumed:\n  " + "\n  ".join(diff[:12])
+            + ("\n  ..." if len(diff) > 12 else "")
+            + "\nPass overwrite=True to rebuild it, or choose another path."
+        )
+    return group
+
+
+def _create(path: str, meta: dict, reductions: dict[str, Reduction], cname: str) -> zarr.Group:
+    """Root metadata first (rows_committed = 0), then every array."""
+    zstore = _store._zarr_store(path, read_only=False)
+    try:
+        group = zarr.open_group(zstore, mode="w-", attributes={ATTR: meta})
+    except PermissionError as exc:
+        raise StoreError(f"cannot create the store at {path}: {exc}") from exc
+    disk_dtype, fill = DTYPES[meta["config"]["dtype"]]
+    block_rows = meta["config"]["block_rows"]
+    codecs = _store.compressors(cname)
+    for split, info in meta["splits"].items():
+        n = info["rows"]
+        for layer in meta["layers"]:
+            dim = layer["dim"]
+            rows = _store.chunk_rows(block_rows, dim * disk_dtype.itemsize)
+            group.create_array(
+                f"{split}/features/{layer['name']}", shape=(n, dim), dtype=disk_dtype,
+                chunks=(rows, dim), compressors=codecs, fill_value=fill,
+                dimension_names=("row", f"{layer['name']}.feature"),
+                attributes={"layer": layer["name"], "reduction": layer["reduction"],
+                            "storage_dtype": meta["config"]["dtype"]},
+            )
+        for label in meta["config"]["labels"]:
+            attrs = {"num_classes": meta["dataset"]["num_classes"]} if label == "y" else {}
+            group.create_array(f"{split}/labels/{label}", shape=(n,), dtype="int64",
+                               chunks=(block_rows,), compressors=codecs, fill_value=-1,
+                               dimension_names=("row",), attributes=attrs)
+        group.create_array(f"{split}/index", shape=(n,), dtype="int64", chunks=(block_rows,),
+                           compressors=codecs, fill_value=-1, dimension_names=("row",))
+    for key, red in reductions.items():
+        if red.indices is not None:
+            arr = group.create_array(f"reductions/{key}/indices", shape=red.indices.shape,
+                                     dtype="int64", chunks=red.indices.shape, compressors=codecs,
+                                     fill_value=-1, dimension_names=(f"{key}.feature",),
+                                     attributes={"in_shape": list(red.in_shape)})
+            arr[:] = red.indices
+    return group
+
+
+class _Runner:
+    """Runs the model on ``device`` (moved there and back), under inference mode, autocast
+    and channels-last as asked."""
+
+    def __init__(self, model: nn.Module, device: torch.device, autocast, channels_last: bool):
+        self.model, self.device, self.channels_last = model, device, channels_last
+        self.amp = _AUTOCAST[autocast]
+        tensors = [*model.parameters(), *model.buffers()]
+        self._home = tensors[0].device if tensors else device
+
+    def __enter__(self):
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def __exit__(self, *exc):
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+        self.model.to(self._home)
+
+    def forward(self, inputs: torch.Tensor) -> None:
+        x = inputs.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+               else nullcontext())
+        with torch.inference_mode(), amp:
+            self.model(x)
+
+
+# -- the capture loop --------------------------------------------------------------------
+def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSource],
+             sites: list[Site], reductions: dict[str, Reduction], extras: dict, *, dtype: str,
+             sides: tuple[str, ...], batch_size: int, nan_policy: str, progress: bool,
+             path: str) -> None:
+    block_rows = meta["config"]["block_rows"]
+    num_classes = meta["dataset"]["num_classes"]
+    todo = [s for s in splits if meta["splits"][s.name]["rows_committed"] < s.rows]
+    total = sum(s.rows - meta["splits"][s.name]["rows_committed"] for s in todo)
+    if not todo:
+        return
+    cuda = run.device.type == "cuda"
+    tdtype = _TORCH_DTYPES[dtype]
+    keys = [s.key for s in sites]
+    dims = {k: reductions[k].dim for k in keys}
+    label_names = ["y", *sorted(extras)]
+
+    def new_buffers() -> dict[str, torch.Tensor]:
+        bufs = {k: torch.empty((block_rows, dims[k]), dtype=tdtype, pin_memory=cuda)
+                for k in keys}
+        bufs.update({f"label:{n}": torch.empty(block_rows, dtype=torch.int64) for n in label_names})
+        bufs["index"] = torch.empty(block_rows, dtype=torch.int64)
+        return bufs
+
+    free: queue.Queue[dict] = queue.Queue()
+    for _ in range(2):
+        free.put(new_buffers())
+    def commit(block: Block) -> None:
+        info = meta["splits"][block.split]
+        info["rows_committed"] = block.stop
+        info["max_label"] = max(info.get("max_label", -1),
+                                int(block.arrays[f"{block.split}/labels/y"].max()))
+        group.attrs.update({ATTR: meta})
+
+    writer = BlockWriter(group, commit, lambda b: free.put(b.buffers))
+    state: dict[str, Any] = {"bufs": None, "at": 0, "flags": []}
+
+    def sink(site: Site, t: torch.Tensor) -> None:
+        buf = state["bufs"].get(site.key)
+        if buf is None:
+            raise StoreError(f"site {site.key!r} ran in this batch but not in the first one "
+                             f"(data-dependent control flow); list layers explicitly")
+        out = reductions[site.key](t)
+        if cuda:  # cast on the device: half the bytes cross the bus
+            out = out.to(tdtype)
+        a = state["at"]
+        dest = buf[a : a + out.shape[0]]
+        dest.copy_(out, non_blocking=True)  # copies now: later in-place ops cannot reach it
+        if nan_policy == "raise":
+            state["flags"].append((site.key, torch.isfinite(out if cuda else dest).all()))
+
+    bar = tqdm(total=total, unit="row", unit_scale=True, disable=not progress,
+               desc=f"build {Path(path).name}", smoothing=0.1)
+    t0 = time.perf_counter()
+    try:
+        with hooked(run.model, _modules_of(sites), sides, sink):
+            for split in todo:
+                start = meta["splits"][split.name]["rows_committed"]
+                batches = split.batches(start, batch_size, pin_memory=cuda)
+                for b0 in range(start, split.rows, block_rows):
+                    b1 = min(b0 + block_rows, split.rows)
+                    bufs = _take(free, writer)
+                    state["bufs"], state["at"], state["flags"] = bufs, 0, []
+                    ybuf = bufs["label:y"]
+                    while state["at"] < b1 - b0:
+                        inputs, y = next(batches)
+                        n = len(y)
+                        if num_classes is not None and n and int(y.max()) >= num_classes:
+                            bad = int((y >= num_classes).nonzero()[0])
+                            raise DataError(
+                                f"split {split.name!r}, row {b0 + state['at'] + bad}: label "
+                                f"{int(y[bad])} is out of range for {num_classes} classes; "
+                                f"pass num_classes= or fix the labels")
+                        run.forward(inputs)
+                        ybuf[state["at"] : state["at"] + n].copy_(y)
+                        state["at"] += n
+                        bar.update(n)
+                    if cuda:
+                        torch.cuda.current_stream(run.device).synchronize()
+                    _check_finite(state["flags"], bufs, split.name, b0, b1 - b0)
+                    writer.put(_fill_block(split, bufs, b0, b1, extras, label_names, keys))
+                    if writer.seconds_busy:
+                        mb = writer.bytes_written / 2**20 / (time.perf_counter() - t0)
+                        bar.set_postfix_str(f"{mb:.0f} MB/s written", refresh=False)
+    except StopIteration:
+        raise DataError(f"split {split.name!r} yielded fewer rows than its dataset's length "
+                        f"({split.rows}); the dataset changed during the build") from None
+    finally:
+        bar.close()
+        writer.close()
+    if num_classes is None:  # inferred: the largest label seen anywhere + 1
+        n = 1 + max(info.get("max_label", -1) for info in meta["splits"].values())
+        for s in splits:
+            group[f"{s.name}/labels/y"].attrs["num_classes"] = n
+
+
+def _take(free: queue.Queue, writer: BlockWriter) -> dict:
+    while True:
+        try:
+            return free.get(timeout=0.5)
+        except queue.Empty:
+            writer.raise_if_failed()
+
+
+def _modules_of(sites: list[Site]) -> list[str]:
+    return list(dict.fromkeys(s.module for s in sites))
+
+
+def _check_finite(flags, bufs, split: str, b0: int, rows: int) -> None:
+    if not flags:
+        return
+    ok = torch.stack([f for _, f in flags]).cpu()
+    if bool(ok.all()):
+        return
+    key = flags[int((~ok).nonzero()[0])][0]
+    block = bufs[key][:rows].float()
+    row = int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
+    raise NonFiniteError(
+        f"layer {key!r}, split {split!r}, row {b0 + row}: the activation holds NaN or inf "
+        f"(after the cast to the storage dtype; float16 tops out at 65504, so large "
+        f"activations may need dtype='bfloat16' or 'float32'). Rows before {b0} are "
+        f"committed. Pass nan_policy='ignore' to store non-finite values as they are."
+    )
+
+
+def _fill_block(split: SplitSource, bufs: dict, b0: int, b1: int, extras: dict,
+                label_names: list[str], keys: list[str]) -> Block:
+    n = b1 - b0
+    index = split.index[b0:b1]
+    bufs["index"][:n].copy_(torch.from_numpy(index))
+    y = bufs["label:y"][:n].numpy()
+    for name in label_names[1:]:
+        bufs[f"label:{name}"][:n].copy_(torch.from_numpy(
+            compute_extra(name, extras[name], split, y, index)))
+    block = Block(split.name, b0, b1)
+    block.buffers = bufs
+    for k in keys:
+        t = bufs[k][:n]
+        arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 \
+            else t.numpy()
+        block.arrays[f"{split.name}/features/{k}"] = arr
+        block.nbytes += arr.nbytes
+    for name in label_names:
+        block.arrays[f"{split.name}/labels/{name}"] = bufs[f"label:{name}"][:n].numpy()
+    block.arrays[f"{split.name}/index"] = bufs["index"][:n].numpy()
+    return block

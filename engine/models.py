@@ -1,0 +1,53 @@
+"""Models probed in the paper (Alain & Bengio, 2016)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+__all__ = ["mnist_convnet"]
+
+
+def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    """The paper's MNIST convnet (tensorflow/models ``image/mnist/convolutional.py``).
+
+    Input (B, in_channels, 28, 28) -> logits (B, num_classes). Children, in order, with the
+    output shape of each for 28x28 inputs:
+
+    ========================  ================  =================
+    name                      module            output
+    ========================  ================  =================
+    ``conv1_preact``          Conv2d 5x5, 32    (B, 32, 28, 28)
+    ``conv1_postact``         ReLU              (B, 32, 28, 28)
+    ``conv1_postpool``        MaxPool2d 2       (B, 32, 14, 14)
+    ``conv2_preact``          Conv2d 5x5, 64    (B, 64, 14, 14)
+    ``conv2_postact``         ReLU              (B, 64, 14, 14)
+    ``conv2_postpool``        MaxPool2d 2       (B, 64, 7, 7)
+    ``flatten``               Flatten           (B, 3136)
+    ``fc1_preact``            Linear 3136->512  (B, 512)
+    ``fc1_postact``           ReLU              (B, 512)
+    ``logits``                Linear 512->C     (B, num_classes)
+    ========================  ================  =================
+
+    With the model input (site ``"input"``) these are the paper's probe sites; ``flatten``
+    only reshapes ``conv2_postpool``. ReLUs are not in-place, so each site's output is its
+    own tensor. Initialisation is PyTorch's default: seed with ``torch.manual_seed`` first.
+    """
+    return nn.Sequential(
+        OrderedDict(
+            [
+                # padding=2 is TensorFlow's padding="SAME" for a 5x5 kernel at stride 1.
+                ("conv1_preact", nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)),
+                ("conv1_postact", nn.ReLU()),
+                ("conv1_postpool", nn.MaxPool2d(kernel_size=2, stride=2)),
+                ("conv2_preact", nn.Conv2d(32, 64, kernel_size=5, padding=2)),
+                ("conv2_postact", nn.ReLU()),
+                ("conv2_postpool", nn.MaxPool2d(kernel_size=2, stride=2)),
+                ("flatten", nn.Flatten()),
+                ("fc1_preact", nn.Linear(64 * 7 * 7, 512)),
+                ("fc1_postact", nn.ReLU()),
+                ("logits", nn.Linear(512, num_classes)),
+            ]
+        )
+    )

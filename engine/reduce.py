@@ -1,0 +1,157 @@
+"""Reductions: turn one layer's activation (B, *shape) into a (B, D) feature matrix.
+
+A reduction is resolved once per layer from its spec and the layer's per-row shape, then
+applied to every batch inside the forward hook, on the model's device, before anything is
+copied to the host. Specs:
+
+- ``"none"``: flatten, D = prod(shape).
+- ``"pool"``: per-channel global average over every axis after the channel axis, D = C
+  (the paper's ResNet-50 probes).
+- ``"pool:HxW"``: adaptive 2-D average pooling of a (C, H', W') map to (C, H, W), D = C*H*W.
+- ``"subsample:K"``: a fixed random set of K flattened features, the same for every batch,
+  drawn from a generator seeded by (seed, layer key) and stored with the features so that
+  the choice is reproducible and inspectable (the paper's Inception v3 probes).
+- ``"auto"``: ``"none"`` while D <= ``max_features``; otherwise conv maps are pooled to the
+  finest square grid that fits (down to a global ``"pool"``), anything else is subsampled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ProbeEngineError
+
+__all__ = ["Reduction", "resolve_reduction", "parse_reduction"]
+
+_POOL_GRID = re.compile(r"^pool:(\d+)x(\d+)$")
+_SUBSAMPLE = re.compile(r"^subsample:(\d+)$")
+
+
+class ReductionError(ProbeEngineError, ValueError):
+    """A reduction spec that is malformed or does not fit the layer's shape."""
+
+
+def parse_reduction(spec: str) -> tuple[str, tuple[int, ...]]:
+    """Split a spec into (kind, params): ``"pool:4x4"`` -> ``("pool", (4, 4))``."""
+    if not isinstance(spec, str):
+        raise ReductionError(f"a reduction is a string such as 'pool' or 'subsample:1000', "
+                             f"not {spec!r}")
+    if spec in ("none", "pool", "auto"):
+        return spec, ()
+    if m := _POOL_GRID.match(spec):
+        h, w = int(m[1]), int(m[2])
+        if h < 1 or w < 1:
+            raise ReductionError(f"reduction {spec!r}: the pooled grid must be at least 1x1")
+        return "pool", (h, w)
+    if m := _SUBSAMPLE.match(spec):
+        k = int(m[1])
+        if k < 1:
+            raise ReductionError(f"reduction {spec!r}: K must be at least 1")
+        return "subsample", (k,)
+    raise ReductionError(
+        f"unknown reduction {spec!r}; use 'none', 'pool', 'pool:HxW', 'subsample:K' or 'auto'"
+    )
+
+
+@dataclass(eq=False)
+class Reduction:
+    """A resolved reduction of one layer: ``reduction(t)`` maps (B, *in_shape) to (B, dim).
+
+    ``indices`` (int64, sorted) are the kept flat feature indices of a subsample reduction.
+    """
+
+    spec: str
+    in_shape: tuple[int, ...]
+    dim: int
+    indices: np.ndarray | None = None
+    _device_indices: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kind, self.params = parse_reduction(self.spec)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return t.flatten(1)
+        if self.kind == "pool":
+            if self.params:
+                return F.adaptive_avg_pool2d(t, self.params).flatten(1)
+            return t.flatten(2).mean(dim=2)
+        idx = self._device_indices.get(t.device)
+        if idx is None:
+            idx = torch.from_numpy(self.indices).to(t.device)
+            self._device_indices[t.device] = idx
+        return t.flatten(1).index_select(1, idx)
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec, "in_shape": list(self.in_shape), "dim": self.dim}
+
+
+def subsample_indices(n_features: int, k: int, seed: int, key: str) -> np.ndarray:
+    """K distinct sorted flat indices out of ``n_features``, a pure function of (seed, key)."""
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return np.sort(rng.choice(n_features, size=k, replace=False)).astype(np.int64)
+
+
+def _auto_spec(in_shape: tuple[int, ...], max_features: int) -> str:
+    dim = math.prod(in_shape)
+    if dim <= max_features:
+        return "none"
+    if len(in_shape) == 3 and in_shape[0] <= max_features:
+        c, h, w = in_shape
+        s = math.isqrt(max_features // c)
+        gh, gw = min(s, h), min(s, w)
+        return "pool" if gh * gw == 1 else f"pool:{gh}x{gw}"
+    if len(in_shape) >= 2 and in_shape[0] <= max_features and len(in_shape) != 3:
+        return "pool"
+    return f"subsample:{max_features}"
+
+
+def resolve_reduction(
+    spec: str, in_shape: tuple[int, ...], *, key: str, max_features: int, seed: int
+) -> Reduction:
+    """Resolve ``spec`` for a layer whose per-row activation shape is ``in_shape``.
+
+    ``key`` names the layer in error messages and seeds subsample draws.
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+    n = math.prod(in_shape)
+    if n == 0:
+        raise ReductionError(f"layer {key!r} has zero features (shape {in_shape}); "
+                             f"leave it out of `layers`")
+    kind, params = parse_reduction(spec)
+    if kind == "auto":
+        if max_features < 1:
+            raise ReductionError(f"max_features must be at least 1, not {max_features}")
+        spec = _auto_spec(in_shape, max_features)
+        kind, params = parse_reduction(spec)
+    if kind == "none":
+        return Reduction("none", in_shape, n)
+    if kind == "pool":
+        if len(in_shape) < 2:
+            raise ReductionError(
+                f"layer {key!r} has per-row shape {in_shape}, with no spatial axes to pool; "
+                f"use 'none' or 'subsample:K' for it (reduce={{{key!r}: ...}})"
+            )
+        if not params:
+            return Reduction("pool", in_shape, in_shape[0])
+        if len(in_shape) != 3:
+            raise ReductionError(
+                f"layer {key!r}: 'pool:HxW' needs a (C, H, W) map, its rows are {in_shape}; "
+                f"use 'pool' for a global average"
+            )
+        h, w = params
+        return Reduction(f"pool:{h}x{w}", in_shape, in_shape[0] * h * w)
+    (k,) = params
+    if k > n:
+        raise ReductionError(
+            f"layer {key!r} has {n} features, fewer than the {k} that {spec!r} keeps; "
+            f"use 'none' or a smaller K"
+        )
+    return Reduction(f"subsample:{k}", in_shape, k, subsample_indices(n, k, seed, key))

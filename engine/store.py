@@ -1,0 +1,425 @@
+"""The feature store: a Zarr v3 group of per-split, per-layer feature matrices.
+
+Layout (format version 1, see docs/store-format.md)::
+
+    <root>/zarr.json                   attrs["probe_engine"]: format, model, dataset, layers,
+                                       splits {rows, rows_committed, block_rows}, config
+    <root>/<split>/features/<layer>    (N, D) float16 | float32 | bfloat16 bits (uint16)
+    <root>/<split>/labels/<name>       (N,) int64
+    <root>/<split>/index               (N,) int64, row -> index in the source dataset
+    <root>/reductions/<layer>/indices  (K,) int64, for subsample reductions
+
+Every array is row-chunked, compressed with Blosc and checksummed with crc32c. Rows are
+written in blocks of whole chunks; a block counts only once ``rows_committed`` has moved past
+it, which happens after every array's chunks of that block are on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import (
+    LabelNotFoundError,
+    LayerNotFoundError,
+    SplitNotFoundError,
+    StoreCorruptedError,
+    StoreError,
+)
+
+__all__ = ["Store", "open_store", "FORMAT_VERSION", "VerifyReport"]
+
+FORMAT_VERSION = 1
+ATTR = "probe_engine"
+
+#: Storage dtypes: name -> (numpy dtype on disk, fill value on disk). zarr-python has no
+#: bfloat16 type, so bfloat16 features are stored as their raw uint16 bits (NaN = 0x7FC0).
+DTYPES: dict[str, tuple[np.dtype, Any]] = {
+    "float16": (np.dtype("float16"), float("nan")),
+    "float32": (np.dtype("float32"), float("nan")),
+    "bfloat16": (np.dtype("uint16"), 0x7FC0),
+}
+
+#: Largest chunk we write (bytes, uncompressed); the docs promise about 1-16 MB.
+MAX_CHUNK_BYTES = 16 << 20
+
+
+def compressors(cname: str = "lz4", clevel: int = 5) -> list:
+    """Blosc (byte shuffle) then crc32c, so that any flipped byte fails the read."""
+    return [BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"), Crc32cCodec()]
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 values (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def chunk_rows(block_rows: int, row_bytes: int) -> int:
+    """Rows per chunk for an array whose rows are ``row_bytes`` long.
+
+    The largest divisor of ``block_rows`` whose chunk stays under MAX_CHUNK_BYTES, so that a
+    block is always a whole number of chunks.
+    """
+    for m in range(1, block_rows + 1):
+        if block_rows % m == 0 and (block_rows // m) * row_bytes <= MAX_CHUNK_BYTES:
+            return block_rows // m
+    return 1
+
+
+def _closest(name: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(name, options, n=5, cutoff=0.4)
+    shown = near or options[:20]
+    more = "" if near or len(options) <= 20 else f" (and {len(options) - 20} more)"
+    return ", ".join(repr(o) for o in shown) + more
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path)
+
+
+def _zarr_store(path: str | os.PathLike, *, read_only: bool):
+    if is_local(path):
+        return zarr.storage.LocalStore(Path(path), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+
+
+def describe_path(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is free for a new store (absent or an empty folder), else what is
+    there ("a probe-engine store", "a file", ...)."""
+    if not is_local(path):
+        try:
+            group = zarr.open_group(_zarr_store(path, read_only=True), mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        return "a probe-engine store" if ATTR in group.attrs else "a zarr group of another tool"
+    p = Path(path)
+    if not p.exists():
+        return None
+    if not p.is_dir():
+        return "a file"
+    if not any(p.iterdir()):
+        return None
+    meta = p / "zarr.json"
+    if not meta.exists():
+        return "a folder that is not a zarr store"
+    try:
+        group = zarr.open_group(_zarr_store(p, read_only=True), mode="r")
+    except Exception:  # noqa: BLE001 - anything unreadable there is "not a store"
+        return "a folder with an unreadable zarr.json"
+    return "a probe-engine store" if ATTR in group.attrs else "a zarr group of another tool"
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Delete a store (local folder or fsspec URL) entirely."""
+    if is_local(path):
+        shutil.rmtree(path)
+    else:
+        zarr.open_group(_zarr_store(path, read_only=False), mode="w")
+
+
+@dataclass
+class VerifyReport:
+    """What ``Store.verify()`` found: ``problems`` is empty when the store is sound."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    chunks_checked: int = 0
+    arrays_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        head = (f"{self.path}: {self.arrays_checked} arrays, {self.chunks_checked} chunks "
+                f"checked, {len(self.problems)} problem(s)")
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class Store:
+    """A probe-engine feature store (see the module docstring for the layout).
+
+    Open one with :func:`engine.open_store`; :func:`engine.build_store` returns one.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = True):
+        self.path = str(path)
+        what = describe_path(path)
+        if what != "a probe-engine store":
+            raise StoreError(
+                f"{self.path} is not a probe-engine store ({what or 'nothing is there'}); "
+                f"build one with engine.build_store(model, data, path={self.path!r})"
+            )
+        self._zstore = _zarr_store(path, read_only=read_only)
+        self.group = zarr.open_group(self._zstore, mode="r" if read_only else "r+")
+        self.meta: dict = dict(self.group.attrs[ATTR])
+        version = self.meta.get("format")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} has store format {version!r}; this probe-engine reads format "
+                f"{FORMAT_VERSION}. Upgrade probe-engine, or rebuild the store."
+            )
+
+    # -- metadata ------------------------------------------------------------------------
+    def reload(self) -> None:
+        self.group = zarr.open_group(self._zstore, mode="r" if self._zstore.read_only else "r+")
+        self.meta = dict(self.group.attrs[ATTR])
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys in network order (``"input"``, module names, ``"<module>:input"``)."""
+        return [layer["name"] for layer in self.meta["layers"]]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def layer_info(self, layer: str) -> dict:
+        """{name, module, site, call, shape, dim, reduction} of one layer."""
+        for info in self.meta["layers"]:
+            if info["name"] == layer:
+                return dict(info)
+        raise LayerNotFoundError(
+            f"layer {layer!r} is not in the store {self.path}; it has {_closest(layer, self.layers)}"
+        )
+
+    def rows(self, split: str) -> int:
+        return int(self._split(split)["rows"])
+
+    def committed(self, split: str) -> int:
+        """Rows of ``split`` whose every array is written (a prefix of the split)."""
+        return int(self._split(split)["rows_committed"])
+
+    @property
+    def complete(self) -> bool:
+        return all(s["rows_committed"] == s["rows"] for s in self.meta["splits"].values())
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["config"]["dtype"]
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.meta["splits"][split]
+        except KeyError:
+            raise SplitNotFoundError(
+                f"split {split!r} is not in the store {self.path}; it has {self.splits}"
+            ) from None
+
+    # -- arrays --------------------------------------------------------------------------
+    def features(self, split: str, layer: str) -> zarr.Array:
+        """The (N, D) zarr array of ``layer`` on ``split`` (bfloat16 stores: uint16 bits)."""
+        self._split(split)
+        self.layer_info(layer)
+        return self.group[f"{split}/features/{layer}"]
+
+    def label_names(self, split: str | None = None) -> list[str]:
+        split = split or self.splits[0]
+        self._split(split)
+        return sorted(self.group[f"{split}/labels"].array_keys())
+
+    def labels(self, split: str, name: str = "y", *, committed: bool = True) -> np.ndarray:
+        """(N,) int64 labels ``name`` of ``split`` (only committed rows unless told)."""
+        self._split(split)
+        names = self.label_names(split)
+        if name not in names:
+            raise LabelNotFoundError(
+                f"label {name!r} is not in the store {self.path} (split {split!r}); "
+                f"it has {names}"
+            )
+        stop = self.committed(split) if committed else self.rows(split)
+        return self._read(self.group[f"{split}/labels/{name}"], 0, stop)
+
+    def index(self, split: str) -> np.ndarray:
+        """(N,) int64: row -> index in the split's source dataset."""
+        self._split(split)
+        return self._read(self.group[f"{split}/index"], 0, self.rows(split))
+
+    def num_classes(self, name: str = "y") -> int | None:
+        arr = self.group[f"{self.splits[0]}/labels/{name}"]
+        n = arr.attrs.get("num_classes")
+        return None if n is None else int(n)
+
+    def reduction_indices(self, layer: str) -> np.ndarray | None:
+        """Flat feature indices a subsample reduction kept, or None."""
+        if not self.layer_info(layer)["reduction"].startswith("subsample:"):
+            return None
+        return self.group[f"reductions/{layer}/indices"][:]
+
+    def read(self, split: str, layer: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of ``layer`` as numpy (float16 / float32; bfloat16 -> float32).
+
+        Only committed rows can be read. A chunk that fails its checksum raises
+        :class:`StoreCorruptedError` naming the array and chunk.
+        """
+        arr = self.features(split, layer)
+        committed = self.committed(split)
+        stop = committed if stop is None else stop
+        if not 0 <= start <= stop <= committed:
+            raise ValueError(
+                f"rows [{start}, {stop}) of {split}/{layer} are out of the committed range "
+                f"[0, {committed}) of {self.path}"
+                + ("" if self.complete else "; the build is incomplete: resume it first")
+            )
+        out = self._read(arr, start, stop)
+        return bf16_bits_to_float32(out) if self.dtype == "bfloat16" else out
+
+    def dask(self, split: str, layer: str):
+        """``layer`` on ``split`` as a dask array, one dask chunk per zarr chunk."""
+        import dask.array as da
+
+        arr = da.from_zarr(self.features(split, layer))
+        if self.dtype == "bfloat16":
+            arr = arr.map_blocks(bf16_bits_to_float32, dtype=np.float32)
+        return arr
+
+    def _read(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        try:
+            return arr[start:stop]
+        except (ValueError, RuntimeError, OSError) as exc:
+            bad = list(self._bad_chunks(arr, start, stop))
+            if not bad:
+                raise
+            raise StoreCorruptedError(
+                f"{self.path}: array {arr.path!r} has unreadable chunk(s) {bad} ({exc}); "
+                f"run `probe-engine verify {self.path}` to list every problem, then rebuild "
+                f"the damaged rows"
+            ) from exc
+
+    def _bad_chunks(self, arr: zarr.Array, start: int, stop: int) -> Iterator[str]:
+        step = arr.chunks[0]
+        for c in range(start // step, math.ceil(stop / step)):
+            try:
+                arr[c * step : min((c + 1) * step, arr.shape[0])]
+            except (ValueError, RuntimeError, OSError):
+                yield _chunk_key(arr, c)
+
+    # -- checks --------------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Check metadata, every committed chunk's presence and checksum, and row counts."""
+        report = VerifyReport(self.path)
+        problems = report.problems
+        for key in ("format", "model", "dataset", "layers", "splits", "config"):
+            if key not in self.meta:
+                problems.append(f"metadata: attrs.{ATTR}.{key} is missing")
+        if problems:
+            return report
+        storage_dtype = DTYPES[self.dtype][0]
+        for split, info in self.meta["splits"].items():
+            rows, committed = info["rows"], info["rows_committed"]
+            if not 0 <= committed <= rows:
+                problems.append(f"{split}: rows_committed={committed} is outside [0, {rows}]")
+                continue
+            arrays: list[tuple[str, int | None, np.dtype]] = [
+                (f"{split}/features/{layer['name']}", layer["dim"], storage_dtype)
+                for layer in self.meta["layers"]
+            ]
+            arrays.append((f"{split}/index", None, np.dtype("int64")))
+            try:
+                label_names = self.label_names(split)
+            except KeyError:
+                label_names = []
+                problems.append(f"{split}/labels: group is missing")
+            if "y" not in label_names:
+                problems.append(f"{split}/labels/y: array is missing")
+            arrays += [(f"{split}/labels/{n}", None, np.dtype("int64")) for n in label_names]
+            for name, dim, dtype in arrays:
+                self._verify_array(report, name, rows, committed, dim, dtype)
+        for layer in self.meta["layers"]:
+            if layer["reduction"].startswith("subsample:"):
+                k = int(layer["reduction"].split(":")[1])
+                self._verify_array(report, f"reductions/{layer['name']}/indices", k, k, None,
+                                   np.dtype("int64"))
+        return report
+
+    def _verify_array(self, report: VerifyReport, name: str, rows: int, committed: int,
+                      dim: int | None, dtype: np.dtype) -> None:
+        try:
+            arr = self.group[name]
+        except KeyError:
+            report.problems.append(f"{name}: array is missing")
+            return
+        report.arrays_checked += 1
+        expected = (rows,) if dim is None else (rows, dim)
+        if arr.shape != expected:
+            report.problems.append(f"{name}: shape {arr.shape}, expected {expected}")
+            return
+        if arr.dtype != dtype:
+            report.problems.append(f"{name}: dtype {arr.dtype}, expected {dtype}")
+            return
+        step = arr.chunks[0]
+        present = set(_chunk_keys_present(self._zstore, name))
+        for c in range(math.ceil(committed / step)):
+            key = _chunk_key(arr, c)
+            report.chunks_checked += 1
+            if key not in present:
+                report.problems.append(f"{key}: chunk is missing (rows {c * step}..)")
+                continue
+            try:
+                arr[c * step : min((c + 1) * step, rows)]
+            except (ValueError, RuntimeError, OSError) as exc:
+                report.problems.append(f"{key}: chunk is corrupted ({exc})")
+
+    # -- presentation --------------------------------------------------------------------
+    def summary(self) -> str:
+        """A few lines for people: splits, layers, dims, reductions, size on disk."""
+        m = self.meta
+        lines = [
+            f"probe-engine store {self.path} (format {m['format']}, {m['config']['dtype']})",
+            f"model: {m['model'].get('class')} ({m['model'].get('parameters', '?')} parameters)",
+            "splits: " + ", ".join(
+                f"{s} {i['rows_committed']}/{i['rows']} rows" for s, i in m["splits"].items()
+            ),
+            f"labels: {', '.join(self.label_names())} (classes: {self.num_classes()})",
+            f"{'layer':<32} {'shape':<18} {'dim':>8}  reduction",
+        ]
+        for layer in m["layers"]:
+            shape = "x".join(str(s) for s in layer["shape"])
+            lines.append(f"{layer['name']:<32} {shape:<18} {layer['dim']:>8}  {layer['reduction']}")
+        if is_local(self.path):
+            size = sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+            lines.append(f"on disk: {size / 2**20:.1f} MiB")
+        lines.append("complete" if self.complete else "INCOMPLETE: resume the build to finish it")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Store({self.path!r}, splits={self.splits}, layers={len(self.layers)}, "
+                f"complete={self.complete})")
+
+
+def _chunk_key(arr: zarr.Array, c: int) -> str:
+    """The store key of row-chunk ``c`` of a row-chunked array (default v3 encoding)."""
+    rest = "/0" * (len(arr.shape) - 1)
+    return f"{arr.path}/c/{c}{rest}"
+
+
+def _chunk_keys_present(zstore, name: str) -> Iterator[str]:
+    from zarr.core.sync import sync
+
+    async def collect() -> list[str]:
+        return [k async for k in zstore.list_prefix(f"{name}/c/")]
+
+    yield from sync(collect())
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open an existing store read-only."""
+    return Store(path)
+
+
+def _as_mapping(x: Any) -> Mapping:  # pragma: no cover - tiny helper
+    return x if isinstance(x, Mapping) else {}
