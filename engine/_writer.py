@@ -80,8 +80,18 @@ class BlockWriter:
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self._arrays[path] = self.group[path]
+            # every committed chunk must exist on disk (verify checks it), even one equal to
+            # the fill value; this also spares zarr a comparison pass over every chunk
+            arr = self._arrays[path] = self.group[path].with_config({"write_empty_chunks": True})
         return arr
+
+    @staticmethod
+    def _write(arr: zarr.Array, start: int, data: np.ndarray) -> None:
+        # One chunk per call: zarr then encodes the caller's buffer as is, where a multi-chunk
+        # write would first copy every chunk into a fill-value-initialised scratch array.
+        step = arr.chunks[0]
+        for a in range(0, len(data), step):
+            arr[start + a : start + a + step] = data[a : a + step]
 
     def _run(self) -> None:
         while True:
@@ -95,7 +105,7 @@ class BlockWriter:
             path = None
             try:
                 for path, data in block.arrays.items():
-                    self._array(path)[block.start : block.stop] = data
+                    self._write(self._array(path), block.start, data)
                 path = None
                 self.commit(block)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the capture thread

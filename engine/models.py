@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-__all__ = ["mnist_convnet"]
+__all__ = ["load_model", "mnist_convnet"]
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
@@ -51,3 +51,34 @@ def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
             ]
         )
     )
+
+
+def load_model(name: str, *, weights: str | None = None, num_classes: int | None = None
+               ) -> nn.Module:
+    """A model by name: ``"mnist_convnet"`` or any torchvision classification model
+    (``"resnet50"``, ``"inception_v3"``, ...), randomly initialised, then loaded from the
+    ``weights`` file (a state_dict saved with ``torch.save``; read with
+    ``weights_only=True``, so a file holding code is refused). Nothing is downloaded.
+    """
+    import torch
+    import torchvision
+
+    if name == "mnist_convnet":
+        model = mnist_convnet(num_classes or 10)
+    else:
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name not in known:
+            import difflib
+
+            near = difflib.get_close_matches(name, ["mnist_convnet", *known], n=5)
+            raise ValueError(f"unknown model {name!r}; closest: {near or known[:10]}")
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        if name == "inception_v3":
+            kwargs.update(aux_logits=False, init_weights=True)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    return model.eval()

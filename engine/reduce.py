@@ -12,7 +12,8 @@ copied to the host. Specs:
   drawn from a generator seeded by (seed, layer key) and stored with the features so that
   the choice is reproducible and inspectable (the paper's Inception v3 probes).
 - ``"auto"``: ``"none"`` while D <= ``max_features``; otherwise conv maps are pooled to the
-  finest square grid that fits (down to a global ``"pool"``), anything else is subsampled.
+  finest square grid that fits (preferring, within a factor of two, a grid whose windows
+  tile the map exactly; down to a global ``"pool"``), anything else is subsampled.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class Reduction:
         if self.kind == "none":
             return t.flatten(1)
         if self.kind == "pool":
-            if self.params:
-                return F.adaptive_avg_pool2d(t, self.params).flatten(1)
-            return t.flatten(2).mean(dim=2)
+            if not self.params:
+                return t.flatten(2).mean(dim=2)
+            (h, w), (ih, iw) = self.params, self.in_shape[1:]
+            if ih % h == 0 and iw % w == 0:  # equal windows: the same values, 2x faster
+                return F.avg_pool2d(t, (ih // h, iw // w)).flatten(1)
+            return F.adaptive_avg_pool2d(t, self.params).flatten(1)
         idx = self._device_indices.get(t.device)
         if idx is None:
             idx = torch.from_numpy(self.indices).to(t.device)
@@ -106,7 +110,10 @@ def _auto_spec(in_shape: tuple[int, ...], max_features: int) -> str:
     if len(in_shape) == 3 and in_shape[0] <= max_features:
         c, h, w = in_shape
         s = math.isqrt(max_features // c)
-        gh, gw = min(s, h), min(s, w)
+        # the finest square grid that fits, preferring one whose windows tile the map exactly
+        exact = [g for g in range(s, 0, -1) if h % g == 0 and w % g == 0]
+        g = exact[0] if exact and exact[0] * 2 > s else s
+        gh, gw = min(g, h), min(g, w)
         return "pool" if gh * gw == 1 else f"pool:{gh}x{gw}"
     if len(in_shape) >= 2 and in_shape[0] <= max_features and len(in_shape) != 3:
         return "pool"
@@ -114,11 +121,14 @@ def _auto_spec(in_shape: tuple[int, ...], max_features: int) -> str:
 
 
 def resolve_reduction(
-    spec: str, in_shape: tuple[int, ...], *, key: str, max_features: int, seed: int
+    spec: str, in_shape: tuple[int, ...], *, key: str, max_features: int, seed: int,
+    strict: bool = True,
 ) -> Reduction:
     """Resolve ``spec`` for a layer whose per-row activation shape is ``in_shape``.
 
-    ``key`` names the layer in error messages and seeds subsample draws.
+    ``key`` names the layer in error messages and seeds subsample draws. With
+    ``strict=False`` (one spec given for every layer), pooling a layer that has no spatial
+    axes keeps it whole instead of raising.
     """
     in_shape = tuple(int(s) for s in in_shape)
     n = math.prod(in_shape)
@@ -132,6 +142,8 @@ def resolve_reduction(
         spec = _auto_spec(in_shape, max_features)
         kind, params = parse_reduction(spec)
     if kind == "none":
+        return Reduction("none", in_shape, n)
+    if kind == "pool" and not strict and len(in_shape) < (3 if params else 2):
         return Reduction("none", in_shape, n)
     if kind == "pool":
         if len(in_shape) < 2:

@@ -55,9 +55,20 @@ DTYPES: dict[str, tuple[np.dtype, Any]] = {
 MAX_CHUNK_BYTES = 16 << 20
 
 
-def compressors(cname: str = "lz4", clevel: int = 5) -> list:
-    """Blosc (byte shuffle) then crc32c, so that any flipped byte fails the read."""
-    return [BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"), Crc32cCodec()]
+#: compressor name -> Blosc settings. Activations compress little (1.1-1.7x with lz4), so the
+#: default favours speed: lz4 at level 1 runs near memory speed and keeps the writer ahead of
+#: the forward pass; "zstd" trades about 4x the CPU for about 1.4x smaller stores.
+COMPRESSORS = {
+    "lz4": {"cname": "lz4", "clevel": 1, "shuffle": "shuffle"},
+    "zstd": {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"},
+}
+
+
+def compressors(name: str = "lz4") -> list:
+    """Blosc then crc32c, so that any flipped byte fails the read."""
+    if name not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {sorted(COMPRESSORS)}, not {name!r}")
+    return [BloscCodec(**COMPRESSORS[name]), Crc32cCodec()]
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:

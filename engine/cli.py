@@ -1,0 +1,171 @@
+"""The ``probe-engine`` command line: build, info, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from . import datasets, models
+from .build import build_store
+from .errors import ProbeEngineError
+from .store import open_store
+
+__all__ = ["main"]
+
+
+def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
+    """``fashion-mnist[:ROOT]`` or ``imagefolder:ROOT`` -> {split: dataset}.
+
+    An image folder's ``train`` / ``val`` (or ``valid``) / ``test`` subfolders become the
+    ``train`` / ``valid`` / ``test`` splits; a folder of class folders is one dataset.
+    ``limit`` keeps the first rows of each split (for quick runs).
+    """
+    kind, _, root = spec.partition(":")
+    if kind == "fashion-mnist":
+        root = root or None
+        data = {"train": datasets.fashion_mnist("train", root),
+                "test": datasets.fashion_mnist("test", root)}
+    elif kind == "imagefolder" and root:
+        names = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
+        found = {names[d.name]: d.name for d in sorted(Path(root).iterdir())
+                 if d.is_dir() and d.name in names} if Path(root).is_dir() else {}
+        if found and all(n in names for n in found.values()):
+            data = {s: datasets.image_folder(root, d, size=size) for s, d in found.items()}
+        else:
+            data = {"train": datasets.image_folder(root, size=size)}
+    else:
+        raise SystemExit(f"--data {spec!r}: use 'fashion-mnist', 'fashion-mnist:ROOT' or "
+                         f"'imagefolder:ROOT'")
+    if limit:
+        data = {k: Subset(v, range(min(limit, len(v)))) for k, v in data.items()}
+        for k, v in data.items():  # Subset hides the class names that give num_classes
+            v.classes = getattr(v.dataset, "classes", None)
+    return data
+
+
+def _reduce_arg(values: list[str] | None):
+    if not values:
+        return "auto"
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    out = {}
+    for v in values:
+        key, sep, spec = v.rpartition("=")
+        if not sep:
+            raise SystemExit(f"--reduce {v!r}: give one spec, or LAYER=SPEC pairs")
+        out[key] = spec
+    return out
+
+
+def _build(args) -> int:
+    model = models.load_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    data = load_data(args.data, limit=args.limit, size=args.image_size)
+    t0 = time.perf_counter()
+    store = build_store(
+        model, data, args.path, layers=args.layers or "auto", sites=tuple(args.sites),
+        reduce=_reduce_arg(args.reduce), max_features=args.max_features, dtype=args.dtype,
+        batch_size=args.batch_size, device=args.device, autocast=args.autocast,
+        channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
+        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(store.summary())
+    print(f"built in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _info(args) -> int:
+    print(open_store(args.path).summary())
+    return 0
+
+
+def _verify(args) -> int:
+    report = open_store(args.path).verify()
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _demo(args) -> int:
+    """The main job on the embedded default data: the paper's MNIST convnet on
+    Fashion-MNIST, every probe site captured into a store."""
+    torch.manual_seed(args.seed)
+    model = models.mnist_convnet()
+    limit = 2000 if args.quick else None
+    data = load_data("fashion-mnist", limit=limit)
+    print(f"probe-engine demo: mnist_convnet on Fashion-MNIST "
+          f"({', '.join(f'{k} {len(v)}' for k, v in data.items())} images) -> {args.out}")
+    t0 = time.perf_counter()
+    store = build_store(model, data, args.out, overwrite=True, seed=args.seed,
+                        progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    print(store.summary())
+    report = store.verify()
+    print(report)
+    rows = sum(store.rows(s) for s in store.splits)
+    print(f"captured {rows} rows x {len(store.layers)} sites in {seconds:.1f} s "
+          f"({rows / seconds:.0f} rows/s)")
+    return 0 if report.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="probe-engine", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="capture a model's activations into a feature store")
+    b.add_argument("path", help="store path (a folder, or an fsspec URL)")
+    b.add_argument("--model", default="mnist_convnet",
+                   help="mnist_convnet or a torchvision model name (resnet50, inception_v3)")
+    b.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
+    b.add_argument("--num-classes", type=int)
+    b.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, fashion-mnist:ROOT or imagefolder:ROOT")
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--limit", type=int, help="keep the first N rows of each split")
+    b.add_argument("--layers", nargs="+", help="names or globs (default: auto)")
+    b.add_argument("--sites", nargs="+", default=["output"], choices=["input", "output"])
+    b.add_argument("--reduce", nargs="+", help="SPEC, or LAYER=SPEC pairs (default: auto)")
+    b.add_argument("--max-features", type=int, default=8192)
+    b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--batch-size", type=int)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--autocast", choices=["bfloat16", "float16"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compressor", default="lz4", choices=["lz4", "zstd"])
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    b.add_argument("--no-resume", action="store_true", help="refuse an existing store")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(run=_build)
+
+    i = sub.add_parser("info", help="summarise a store")
+    i.add_argument("path")
+    i.set_defaults(run=_info)
+
+    v = sub.add_parser("verify", help="check every chunk's checksum; exit 1 on a problem")
+    v.add_argument("path")
+    v.set_defaults(run=_verify)
+
+    d = sub.add_parser("demo", help="capture the paper's MNIST convnet on Fashion-MNIST")
+    d.add_argument("--out", default="demo.zarr")
+    d.add_argument("--quick", action="store_true", help="2,000 rows per split")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(run=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ProbeEngineError as exc:
+        print(f"probe-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
