@@ -163,6 +163,11 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.source = source
 
     @property
+    def images(self) -> torch.Tensor:
+        """The stored images, (N, C, H, W), uint8 or float, before normalisation."""
+        return self._images
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """Shape (C, H, W) of one item's input."""
         c, h, w = self._images.shape[1:]

@@ -1,0 +1,44 @@
+"""Shared fixtures: small real data and models, built fresh per test where they are mutated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.datasets import ArrayDataset
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """The first rows of real Fashion-MNIST: {"train": 600 rows, "test": 200 rows}."""
+    train, test = engine.datasets.fashion_mnist("train"), engine.datasets.fashion_mnist("test")
+    return {
+        "train": ArrayDataset(train.images[:600], train.targets[:600], train.classes,
+                              mean=train.mean, std=train.std),
+        "test": ArrayDataset(test.images[:200], test.targets[:200], test.classes,
+                             mean=test.mean, std=test.std),
+    }
+
+
+def random_images(n: int, shape=(3, 32, 32), classes: int = 4, seed: int = 0) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    labels = rng.integers(0, classes, size=n)
+    return ArrayDataset(images, labels, [f"c{i}" for i in range(classes)])
+
+
+@pytest.fixture
+def convnet():
+    torch.manual_seed(0)
+    return engine.models.mnist_convnet()
