@@ -48,12 +48,11 @@ class SplitSource:
     def batches(self, start: int, batch_size: int, *, pin_memory: bool = False):
         """(inputs, labels) batches of rows [start, N), validated."""
         loader = DataLoader(
-            _Checked(self.dataset, self.name, self.collate_fn),
+            _Checked(self.dataset, self.name, self.collate_fn, pin_memory=pin_memory),
             batch_size=batch_size,
             sampler=self.index[start:].tolist(),
             collate_fn=_passthrough,
             num_workers=self.num_workers,
-            pin_memory=pin_memory,
         )
         row = start
         for inputs, labels in loader:
@@ -69,13 +68,21 @@ def _passthrough(batch):
 class _Checked(Dataset):
     """Wraps a dataset so that each fetched item is checked and named by its index."""
 
-    def __init__(self, dataset: Dataset, split: str, collate_fn=None):
+    def __init__(self, dataset: Dataset, split: str, collate_fn=None, pin_memory: bool = False):
         self.dataset, self.split, self.collate_fn = dataset, split, collate_fn
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitems__(self, indices: list[int]) -> Batch:
+        batch = self._collate(indices)
+        # pinned here rather than by the DataLoader, which fails on batches already on a GPU
+        if self.pin_memory and batch.inputs.device.type == "cpu":
+            batch = Batch(batch.inputs.pin_memory(), batch.labels)
+        return batch
+
+    def _collate(self, indices: list[int]) -> Batch:
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
         if isinstance(items, Batch):

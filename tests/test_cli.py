@@ -1,0 +1,94 @@
+"""The probe-engine command line, run in-process through engine.cli.main."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import engine
+from engine import cli
+
+
+def test_build_info_verify(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    rc = cli.main(["build", str(path), "--model", "mnist_convnet", "--data", "fashion-mnist",
+                   "--limit", "300", "--layers", "conv2_postpool", "logits", "--quiet",
+                   "--reduce", "conv2_postpool=pool", "--dtype", "float32"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "conv2_postpool" in out and "complete" in out
+    store = engine.open_store(path)
+    assert store.layer_info("conv2_postpool")["reduction"] == "pool"
+    assert store.rows("train") + store.rows("valid") == 300 and store.rows("test") == 300
+    assert store.num_classes() == 10
+
+    assert cli.main(["info", str(path)]) == 0
+    assert "logits" in capsys.readouterr().out
+    assert cli.main(["verify", str(path)]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+
+    chunk = path / "test" / "features" / "logits" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-7])  # truncated
+    assert cli.main(["verify", str(path)]) == 1
+    assert "test/features/logits/c/0/0: chunk is corrupted" in capsys.readouterr().out
+
+
+def test_weights_are_loaded_safely(tmp_path, capsys):
+    torch.manual_seed(5)
+    model = engine.models.mnist_convnet()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    path = tmp_path / "s.zarr"
+    assert cli.main(["build", str(path), "--weights", str(weights), "--limit", "64",
+                     "--layers", "logits", "--quiet"]) == 0
+    fingerprint = engine._fingerprint.model_fingerprint(model)
+    assert engine.open_store(path).meta["model"]["digest"] == fingerprint["digest"]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    try:
+        cli.main(["build", str(tmp_path / "e.zarr"), "--weights", str(tmp_path / "evil.pt"),
+                  "--limit", "64", "--quiet"])
+    except Exception as exc:  # noqa: BLE001 - torch's own UnpicklingError
+        assert "weights_only" in str(exc) or "Unsupported" in str(exc)
+    else:
+        raise AssertionError("a pickle with code was loaded")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    rc = cli.main(["build", str(tmp_path / "s.zarr"), "--limit", "64", "--layers", "conv9",
+                   "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("probe-engine: error: no module named 'conv9'")
+    assert cli.main(["info", str(tmp_path / "nothing.zarr")]) == 2
+    assert "not a probe-engine store" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo.zarr"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "0 problem(s)" in text and "rows/s" in text
+    store = engine.open_store(out)
+    assert len(store.layers) == 10 and store.complete
+    assert np.isfinite(store.read("test", "logits")).all()
+
+
+def test_imagefolder_data(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = tmp_path / "img" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((40, 40, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+    data = cli.load_data(f"imagefolder:{tmp_path / 'img'}", size=32)
+    assert set(data) == {"train", "valid"}
+    x, y = data["valid"][4]
+    assert x.shape == (3, 32, 32) and y == 1
