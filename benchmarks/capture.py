@@ -50,11 +50,12 @@ class DeviceImages(Dataset):
     forward pass, not the data pipeline, sets the pace."""
 
     def __init__(self, n: int, size: int, classes: int, device: str, seed: int = 0):
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.labels = torch.randint(0, classes, (n,), generator=g)
-        base = torch.randn(classes, 3, size, size, generator=g)
-        noise = torch.randn(n, 3, size, size, generator=g, dtype=torch.float32)
-        self.images = (base[self.labels] + noise).to(device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        labels = torch.randint(0, classes, (n,), generator=g, device=device)
+        base = torch.randn(classes, 3, size, size, generator=g, device=device)
+        self.images = torch.randn(n, 3, size, size, generator=g, device=device)
+        self.images += base[labels]
+        self.labels = labels.cpu()
         self.classes = [str(c) for c in range(classes)]
 
     def __len__(self) -> int:

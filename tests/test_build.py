@@ -474,3 +474,23 @@ def test_memory_is_bounded_by_blocks(tmp_path, fashion, convnet, monkeypatch):
         for layer in store.layers:
             chunk = store.features(split, layer).chunks[0]
             assert block_rows % chunk == 0
+
+
+@pytest.mark.gpu
+def test_cuda_capture_matches_cpu(tmp_path):
+    model = _resnet18()
+    data = {"train": random_images(40, (3, 64, 64), classes=5)}
+    kw = dict(layers=["maxpool", "layer?.?"], reduce="pool", dtype="float32", valid_size=0,
+              batch_size=16)
+    cpu = build(model, data, tmp_path / "cpu.zarr", device="cpu", **kw)
+    gpu = build(model, data, tmp_path / "gpu.zarr", device="cuda", **kw)
+    assert next(model.parameters()).device.type == "cpu"  # moved back
+    for layer in cpu.layers:
+        np.testing.assert_allclose(gpu.read("train", layer), cpu.read("train", layer),
+                                   rtol=1e-3, atol=1e-4, err_msg=layer)
+    bf16 = build(model, data, tmp_path / "bf16.zarr", device="cuda", autocast="bfloat16",
+                 channels_last=True, **{**kw, "dtype": "bfloat16"})
+    for layer in cpu.layers:
+        ref = cpu.read("train", layer)
+        err = np.linalg.norm(bf16.read("train", layer) - ref) / np.linalg.norm(ref)
+        assert err < 3e-2, (layer, err)

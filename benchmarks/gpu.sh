@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The device check, one call: install the carried wheels, run the `gpu` tests, then the GPU
+# capture benchmark. Figures and logs land in $OUT.
+#   run: bash benchmarks/gpu.sh      (carry: .whl)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
+    | tee "$OUT/gpu.txt"
+python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__)"
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 \
+    | tee "$OUT/gpu-tests.log"
+timeout 300 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
+    --json "$OUT/capture-cuda.json" 2>&1 | tee "$OUT/capture-cuda.log"
