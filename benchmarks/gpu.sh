@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
     | tee "$OUT/gpu.txt"
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__)"
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests 2>&1 \
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -W default::DeprecationWarning tests 2>&1 \
     | tee "$OUT/gpu-tests.log"
-timeout 300 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
+timeout 330 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
     --json "$OUT/capture-cuda.json" 2>&1 | tee "$OUT/capture-cuda.log"
