@@ -1,0 +1,92 @@
+"""Store: the read API, its errors, chunk sizing and format checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+import engine
+from engine.store import MAX_CHUNK_BYTES, bf16_bits_to_float32, chunk_rows
+
+
+@pytest.fixture
+def store(tmp_path, fashion, convnet):
+    return engine.build_store(convnet, fashion, tmp_path / "s.zarr", layers=["fc1_postact",
+                              "logits"], progress=False)
+
+
+def test_metadata_and_reads(store):
+    assert store.layers == ["fc1_postact", "logits"]
+    assert store.splits == ["train", "valid", "test"]
+    assert store.complete and store.dtype == "float16"
+    info = store.layer_info("logits")
+    assert info == {"name": "logits", "module": "logits", "site": "output", "call": 0,
+                    "shape": [10], "dim": 10, "reduction": "none"}
+    part = store.read("test", "logits", 10, 20)
+    np.testing.assert_array_equal(part, store.read("test", "logits")[10:20])
+    assert part.dtype == np.float16 and part.shape == (10, 10)
+    assert "fc1_postact" in store.summary() and "complete" in store.summary()
+    assert "Store(" in repr(store)
+
+
+def test_unknown_names_list_what_exists(store):
+    with pytest.raises(engine.LayerNotFoundError, match="'logits'") as e:
+        store.features("train", "logit")
+    assert isinstance(e.value, KeyError)
+    with pytest.raises(engine.SplitNotFoundError, match=r"\['train', 'valid', 'test'\]"):
+        store.read("validation", "logits")
+    with pytest.raises(engine.LabelNotFoundError, match=r"\['y'\]"):
+        store.labels("train", "coarse")
+
+
+def test_reads_stay_inside_committed_rows(store):
+    rows = store.rows("test")
+    with pytest.raises(ValueError, match="out of the committed range"):
+        store.read("test", "logits", 0, rows + 1)
+    group = zarr.open_group(store.path, mode="r+")
+    meta = dict(group.attrs["probe_engine"])
+    meta["splits"]["test"]["rows_committed"] = 64
+    group.attrs["probe_engine"] = meta
+    partial = engine.open_store(store.path)
+    assert not partial.complete and partial.committed("test") == 64
+    assert len(partial.labels("test")) == 64
+    with pytest.raises(ValueError, match="resume it first"):
+        partial.read("test", "logits", 0, 65)
+
+
+def test_newer_format_is_refused(store):
+    group = zarr.open_group(store.path, mode="r+")
+    meta = dict(group.attrs["probe_engine"])
+    meta["format"] = 2
+    group.attrs["probe_engine"] = meta
+    with pytest.raises(engine.StoreError, match="format 2.*Upgrade probe-engine"):
+        engine.open_store(store.path)
+
+
+def test_missing_metadata_is_a_verify_problem(store):
+    group = zarr.open_group(store.path, mode="r+")
+    meta = dict(group.attrs["probe_engine"])
+    del meta["config"]
+    group.attrs["probe_engine"] = meta
+    report = engine.open_store(store.path).verify()
+    assert not report.ok and "attrs.probe_engine.config is missing" in report.problems[0]
+
+
+@pytest.mark.parametrize(("block", "row_bytes"), [(2048, 100), (2048, 20000), (768, 65536),
+                                                  (7, 1 << 30)])
+def test_chunks_divide_blocks_and_stay_small(block, row_bytes):
+    rows = chunk_rows(block, row_bytes)
+    assert block % rows == 0
+    assert rows * row_bytes <= MAX_CHUNK_BYTES or rows == 1
+    if rows < block:  # the largest such divisor
+        bigger = [d for d in range(rows + 1, block + 1) if block % d == 0]
+        assert all(d * row_bytes > MAX_CHUNK_BYTES for d in bigger)
+
+
+def test_bfloat16_bits_decode_exactly():
+    import torch
+
+    x = torch.randn(1000).to(torch.bfloat16)
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf16_bits_to_float32(bits), x.float().numpy())
