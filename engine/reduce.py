@@ -31,8 +31,8 @@ from .errors import ProbeEngineError
 
 __all__ = ["Reduction", "resolve_reduction", "parse_reduction"]
 
-_POOL_GRID = re.compile(r"^pool:(\d+)x(\d+)$")
-_SUBSAMPLE = re.compile(r"^subsample:(\d+)$")
+_POOL_GRID = re.compile(r"pool:([0-9]+)x([0-9]+)")
+_SUBSAMPLE = re.compile(r"subsample:([0-9]+)")
 
 
 class ReductionError(ProbeEngineError, ValueError):
@@ -46,12 +46,12 @@ def parse_reduction(spec: str) -> tuple[str, tuple[int, ...]]:
                              f"not {spec!r}")
     if spec in ("none", "pool", "auto"):
         return spec, ()
-    if m := _POOL_GRID.match(spec):
+    if m := _POOL_GRID.fullmatch(spec):
         h, w = int(m[1]), int(m[2])
         if h < 1 or w < 1:
             raise ReductionError(f"reduction {spec!r}: the pooled grid must be at least 1x1")
         return "pool", (h, w)
-    if m := _SUBSAMPLE.match(spec):
+    if m := _SUBSAMPLE.fullmatch(spec):
         k = int(m[1])
         if k < 1:
             raise ReductionError(f"reduction {spec!r}: K must be at least 1")
@@ -143,8 +143,11 @@ def resolve_reduction(
         kind, params = parse_reduction(spec)
     if kind == "none":
         return Reduction("none", in_shape, n)
-    if kind == "pool" and not strict and len(in_shape) < (3 if params else 2):
-        return Reduction("none", in_shape, n)
+    if kind == "pool" and not strict:  # one spec for all layers: fit it to this one
+        if len(in_shape) < 2:
+            return Reduction("none", in_shape, n)
+        if params and len(in_shape) != 3:
+            return Reduction("pool", in_shape, in_shape[0])
     if kind == "pool":
         if len(in_shape) < 2:
             raise ReductionError(
@@ -159,6 +162,11 @@ def resolve_reduction(
                 f"use 'pool' for a global average"
             )
         h, w = params
+        if h > in_shape[1] or w > in_shape[2]:
+            raise ReductionError(
+                f"layer {key!r}: grid {h}x{w} is finer than its {in_shape[1]}x{in_shape[2]} "
+                f"map; use a grid of at most the map's size, or 'none'"
+            )
         return Reduction(f"pool:{h}x{w}", in_shape, in_shape[0] * h * w)
     (k,) = params
     if k > n:

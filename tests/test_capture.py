@@ -105,16 +105,24 @@ def test_select_unknown_name_suggests_closest(convnet):
         select_modules(convnet, "conv1_preakt")
     msg = str(ei.value)
     assert "'conv1_preakt'" in msg
-    assert "'conv1_preact'" in msg
+    assert "closest: 'conv1_preact'" in msg
     assert isinstance(ei.value, KeyError) and isinstance(ei.value, ProbeEngineError)
     # the message is not repr-quoted as a plain KeyError's would be
     assert not msg.startswith('"')
 
 
+def test_select_unknown_late_name_suggests_it(convnet):
+    # fc1_postact is not among the first modules, so only a real suggestion names it
+    with pytest.raises(LayerNotFoundError, match="closest: .*'fc1_postact'"):
+        select_modules(convnet, "fc1_postakt")
+
+
 def test_select_unknown_name_without_close_match_lists_modules(convnet):
     with pytest.raises(KeyError) as ei:
         select_modules(convnet, "zzzzzzzzzzzz")
-    assert "'conv1_preact'" in str(ei.value)
+    msg = str(ei.value)
+    assert "closest" not in msg
+    assert "10 modules" in msg and "'conv1_preact'" in msg
 
 
 def test_select_unknown_among_valid_raises(convnet):

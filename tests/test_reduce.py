@@ -302,7 +302,7 @@ def test_pool_grid_on_2d_layer():
         resolve_reduction("pool:2x2", (8, 10), key="seq", max_features=10, seed=0)
     r = resolve_reduction("pool:2x2", (8, 10), key="seq", max_features=10, seed=0,
                           strict=False)
-    assert (r.spec, r.dim) == ("none", 80)
+    assert (r.spec, r.dim) == ("pool", 8)  # a global spec falls back to a global pool
     # a global pool of the same layer is fine either way
     assert resolve_reduction("pool", (8, 10), key="seq", max_features=10, seed=0).dim == 8
 
@@ -370,3 +370,20 @@ def test_auto_property(c, h, w, max_features, batch):
     if r.kind == "pool":
         grid = r.params or (1, 1)
         torch.testing.assert_close(out, F.adaptive_avg_pool2d(t, grid).reshape(batch, -1))
+
+
+@pytest.mark.parametrize("spec", ["pool:4x4\n", "subsample:10\n", "pool:\u0664x4"])
+def test_specs_must_match_whole_and_in_ascii(spec):
+    with pytest.raises(ReductionError):
+        parse_reduction(spec)
+
+
+def test_grid_finer_than_the_map_is_refused():
+    with pytest.raises(ReductionError, match="finer than its 4x4 map"):
+        resolve_reduction("pool:8x8", (3, 4, 4), key="tiny", max_features=10**6, seed=0)
+
+
+def test_global_grid_spec_falls_back_to_global_pool_off_2d_maps():
+    r = resolve_reduction("pool:2x2", (8, 5, 4, 4), key="vol", max_features=10**6, seed=0,
+                          strict=False)
+    assert r.spec == "pool" and r.dim == 8
