@@ -31,7 +31,14 @@ from ._data import SplitSource, compute_extra, extra_labels, resolve_splits, sam
 from ._fingerprint import differences, model_fingerprint
 from ._writer import Block, BlockWriter
 from .capture import Site, _check_sites, discover_sites, hooked, select_modules
-from .errors import DataError, NonFiniteError, StoreError, StoreExistsError, StoreMismatchError
+from .errors import (
+    DataError,
+    NonFiniteError,
+    ProbeEngineError,
+    StoreError,
+    StoreExistsError,
+    StoreMismatchError,
+)
 from .reduce import Reduction, resolve_reduction
 from .store import ATTR, DTYPES, FORMAT_VERSION, Store
 
@@ -104,8 +111,13 @@ def build_store(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if nan_policy not in ("raise", "ignore"):
         raise ValueError(f"nan_policy must be 'raise' or 'ignore', not {nan_policy!r}")
+    if compressor not in _store.COMPRESSORS:
+        raise ValueError(f"compressor must be one of {sorted(_store.COMPRESSORS)}, "
+                         f"not {compressor!r}")
     if autocast not in _AUTOCAST:
         raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', not {autocast!r}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     sides = _check_sites(sites)
@@ -113,8 +125,9 @@ def build_store(
 
     splits = resolve_splits(data, valid_size=valid_size, seed=seed)
     extras = extra_labels(labels, splits)
-    batch_size = int(batch_size or splits[0].batch_size or 256)
-    if batch_size < 1:
+    if batch_size is None:
+        batch_size = splits[0].batch_size or 256
+    if int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
 
     existing = _store.describe_path(path)
@@ -145,10 +158,8 @@ def build_store(
         if existing and overwrite:
             _store.remove_store(path)
             existing = None
-        if existing:
-            group = _reopen(path, meta)
-        else:
-            group = _create(path, meta, reductions, compressor)
+        group = _reopen(path, meta) if existing else _create_root(path, meta)
+        _ensure_arrays(group, meta, reductions, compressor)
         store_meta = dict(group.attrs[ATTR])
         _capture(run, group, store_meta, splits, [s for s, _ in found], reductions, extras,
                  dtype=dtype, sides=sides, batch_size=batch_size, nan_policy=nan_policy,
@@ -205,7 +216,12 @@ def _metadata(model, splits: list[SplitSource], found, reductions: dict[str, Red
     dim_sum = sum(r.dim for r in reductions.values())
     row_bytes = dim_sum * DTYPES[config["dtype"]][0].itemsize
     batch_size = config["batch_size"]
-    block_rows = batch_size * max(1, config.pop("block_bytes") // max(1, row_bytes * batch_size))
+    batches = max(1, config.pop("block_bytes") // max(1, row_bytes * batch_size))
+    # no bigger than the largest split, and int64 label chunks stay under the chunk cap
+    most = max(s.rows for s in splits)
+    label_cap = max(1, (_store.MAX_CHUNK_BYTES // 8) // batch_size)
+    batches = min(batches, -(-most // batch_size), label_cap)
+    block_rows = batch_size * batches
     classes = getattr(splits[0].dataset, "classes", None)
     if num_classes is None and classes is not None:
         num_classes = len(classes)
@@ -254,13 +270,38 @@ def _reopen(path: str, meta: dict) -> zarr.Group:
     return group
 
 
-def _create(path: str, meta: dict, reductions: dict[str, Reduction], cname: str) -> zarr.Group:
-    """Root metadata first (rows_committed = 0), then every array."""
-    zstore = _store._zarr_store(path, read_only=False)
+def _create_root(path: str, meta: dict) -> zarr.Group:
+    """The root group and its metadata (rows_committed = 0), written before any array so
+    that an interrupted creation is itself resumable."""
     try:
-        group = zarr.open_group(zstore, mode="w-", attributes={ATTR: meta})
-    except PermissionError as exc:
-        raise StoreError(f"cannot create the store at {path}: {exc}") from exc
+        return zarr.open_group(_store._zarr_store(path, read_only=False), mode="w-",
+                               attributes={ATTR: meta})
+    except OSError as exc:
+        raise StoreError(f"cannot create the store at {path}: {exc}; choose a writable "
+                         f"path") from exc
+
+
+def _ensure_arrays(group: zarr.Group, meta: dict, reductions: dict[str, Reduction],
+                   cname: str) -> None:
+    """Create every array the metadata names that is not there yet (all of them for a new
+    store, the rest after an interrupted creation); existing ones are checked, not touched."""
+    existing = {name for name, node in group.members(max_depth=None)
+                if isinstance(node, zarr.Array)}
+
+    def create(name: str, data=None, **kw) -> None:
+        if name in existing:
+            arr = group[name]
+            if arr.shape != kw["shape"] or (data is not None and not (arr[:] == data).all()):
+                raise StoreError(f"{group.store}: array {name!r} does not match the store's "
+                                 f"metadata; rebuild with overwrite=True")
+            return
+        try:
+            arr = group.create_array(name, compressors=codecs, **kw)
+            if data is not None:
+                arr[:] = data
+        except OSError as exc:
+            raise StoreError(f"cannot create array {name!r} in {group.store}: {exc}") from exc
+
     disk_dtype, fill = DTYPES[meta["config"]["dtype"]]
     block_rows = meta["config"]["block_rows"]
     codecs = _store.compressors(cname)
@@ -269,42 +310,42 @@ def _create(path: str, meta: dict, reductions: dict[str, Reduction], cname: str)
         for layer in meta["layers"]:
             dim = layer["dim"]
             rows = _store.chunk_rows(block_rows, dim * disk_dtype.itemsize)
-            group.create_array(
+            create(
                 f"{split}/features/{layer['name']}", shape=(n, dim), dtype=disk_dtype,
-                chunks=(rows, dim), compressors=codecs, fill_value=fill,
+                chunks=(rows, dim), fill_value=fill,
                 dimension_names=("row", f"{layer['name']}.feature"),
                 attributes={"layer": layer["name"], "reduction": layer["reduction"],
                             "storage_dtype": meta["config"]["dtype"]},
             )
         for label in meta["config"]["labels"]:
             attrs = {"num_classes": meta["dataset"]["num_classes"]} if label == "y" else {}
-            group.create_array(f"{split}/labels/{label}", shape=(n,), dtype="int64",
-                               chunks=(block_rows,), compressors=codecs, fill_value=-1,
-                               dimension_names=("row",), attributes=attrs)
-        group.create_array(f"{split}/index", shape=(n,), dtype="int64", chunks=(block_rows,),
-                           compressors=codecs, fill_value=-1, dimension_names=("row",))
+            create(f"{split}/labels/{label}", shape=(n,), dtype="int64", chunks=(block_rows,),
+                   fill_value=-1, dimension_names=("row",), attributes=attrs)
+        create(f"{split}/index", shape=(n,), dtype="int64", chunks=(block_rows,), fill_value=-1,
+               dimension_names=("row",))
     for key, red in reductions.items():
         if red.indices is not None:
-            arr = group.create_array(f"reductions/{key}/indices", shape=red.indices.shape,
-                                     dtype="int64", chunks=red.indices.shape, compressors=codecs,
-                                     fill_value=-1, dimension_names=(f"{key}.feature",),
-                                     attributes={"in_shape": list(red.in_shape)})
-            arr[:] = red.indices
-    return group
+            create(f"reductions/{key}/indices", red.indices, shape=red.indices.shape,
+                   dtype="int64", chunks=red.indices.shape, fill_value=-1,
+                   dimension_names=(f"{key}.feature",),
+                   attributes={"in_shape": list(red.in_shape)})
 
 
 class _Runner:
-    """Runs the model on ``device`` (moved there and back), under inference mode, autocast
-    and channels-last as asked."""
+    """Runs the model on ``device`` under inference mode, autocast and channels-last as
+    asked. A model on one device is moved there and back; a model spread over several
+    devices (model parallel) stays where it is and gets its inputs on ``device``."""
 
     def __init__(self, model: nn.Module, device: torch.device, autocast, channels_last: bool):
         self.model, self.device, self.channels_last = model, device, channels_last
         self.amp = _AUTOCAST[autocast]
-        tensors = [*model.parameters(), *model.buffers()]
-        self._home = tensors[0].device if tensors else device
+        homes = {t.device for t in (*model.parameters(), *model.buffers())}
+        self._home = next(iter(homes)) if len(homes) == 1 else None
+        self._move = self._home is not None and self._home != device
 
     def __enter__(self):
-        self.model.to(self.device)
+        if self._move:
+            self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         return self
@@ -312,7 +353,8 @@ class _Runner:
     def __exit__(self, *exc):
         if self.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
-        self.model.to(self._home)
+        if self._move:
+            self.model.to(self._home)
 
     def forward(self, inputs: torch.Tensor) -> None:
         x = inputs.to(self.device, non_blocking=True)
@@ -359,13 +401,15 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
         group.attrs.update({ATTR: meta})
 
     writer = BlockWriter(group, commit, lambda b: free.put(b.buffers))
-    state: dict[str, Any] = {"bufs": None, "at": 0, "flags": []}
+    state: dict[str, Any] = {"bufs": None, "at": 0, "flags": [], "fired": 0}
 
     def sink(site: Site, t: torch.Tensor) -> None:
         buf = state["bufs"].get(site.key)
         if buf is None:
-            raise StoreError(f"site {site.key!r} ran in this batch but not in the first one "
-                             f"(data-dependent control flow); list layers explicitly")
+            raise ProbeEngineError(
+                f"site {site.key!r} ran in this batch but not in the first one (data-dependent "
+                f"control flow); list the layers that always run in `layers`")
+        state["fired"] += 1
         out = reductions[site.key](t)
         if cuda:  # cast on the device: half the bytes cross the bus
             out = out.to(tdtype)
@@ -399,7 +443,14 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
                                 f"split {split.name!r}, row {b0 + state['at'] + bad}: label "
                                 f"{int(y[bad])} is out of range for {num_classes} classes; "
                                 f"pass num_classes= or fix the labels")
+                        state["fired"] = 0
                         run.forward(inputs)
+                        if state["fired"] != len(keys):
+                            raise ProbeEngineError(
+                                f"split {split.name!r}, rows {b0 + state['at']}..: "
+                                f"{state['fired']} site calls in this batch, {len(keys)} in "
+                                f"the first one (data-dependent control flow); list the "
+                                f"layers that always run in `layers`")
                         ybuf[state["at"] : state["at"] + n].copy_(y)
                         state["at"] += n
                         bar.update(n)

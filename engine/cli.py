@@ -43,7 +43,7 @@ def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
                          f"'imagefolder:ROOT'")
     if limit:
         data = {k: Subset(v, range(min(limit, len(v)))) for k, v in data.items()}
-        for k, v in data.items():  # Subset hides the class names that give num_classes
+        for v in data.values():  # Subset hides the class names that give num_classes
             v.classes = getattr(v.dataset, "classes", None)
     return data
 
@@ -63,6 +63,7 @@ def _reduce_arg(values: list[str] | None):
 
 
 def _build(args) -> int:
+    torch.manual_seed(args.seed)  # an untrained model is the same model on every run
     model = models.load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     data = load_data(args.data, limit=args.limit, size=args.image_size)
     t0 = time.perf_counter()

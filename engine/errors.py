@@ -14,6 +14,7 @@ __all__ = [
     "LayerNotFoundError",
     "NonFiniteError",
     "ProbeEngineError",
+    "ReductionError",
     "SplitNotFoundError",
     "StoreCorruptedError",
     "StoreError",
@@ -58,7 +59,7 @@ class StoreExistsError(StoreError, FileExistsError):
 
 
 class StoreCorruptedError(StoreError):
-    """A store chunk with a bad checksum, or missing or truncated."""
+    """A store chunk that fails its checksum or cannot be decoded."""
 
 
 class StoreMismatchError(ProbeEngineError, ValueError):
@@ -75,3 +76,7 @@ class NonFiniteError(DataError):
 
 class DatasetNotFoundError(ProbeEngineError, FileNotFoundError):
     """The files of a dataset cannot be found (or fetched) anywhere that was tried."""
+
+
+class ReductionError(ProbeEngineError, ValueError):
+    """A reduction spec that is malformed or does not fit the layer's shape."""

@@ -27,16 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ProbeEngineError
+from .errors import ReductionError
 
 __all__ = ["Reduction", "resolve_reduction", "parse_reduction"]
 
 _POOL_GRID = re.compile(r"pool:([0-9]+)x([0-9]+)")
 _SUBSAMPLE = re.compile(r"subsample:([0-9]+)")
-
-
-class ReductionError(ProbeEngineError, ValueError):
-    """A reduction spec that is malformed or does not fit the layer's shape."""
 
 
 def parse_reduction(spec: str) -> tuple[str, tuple[int, ...]]:

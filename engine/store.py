@@ -3,7 +3,7 @@
 Layout (format version 1, see docs/store-format.md)::
 
     <root>/zarr.json                   attrs["probe_engine"]: format, model, dataset, layers,
-                                       splits {rows, rows_committed, block_rows}, config
+                                       splits {rows, rows_committed, max_label}, config
     <root>/<split>/features/<layer>    (N, D) float16 | float32 | bfloat16 bits (uint16)
     <root>/<split>/labels/<name>       (N,) int64
     <root>/<split>/index               (N,) int64, row -> index in the source dataset
@@ -20,7 +20,7 @@ import difflib
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,8 @@ class Store:
             if info["name"] == layer:
                 return dict(info)
         raise LayerNotFoundError(
-            f"layer {layer!r} is not in the store {self.path}; it has {_closest(layer, self.layers)}"
+            f"layer {layer!r} is not in the store {self.path}; "
+            f"it has {_closest(layer, self.layers)}"
         )
 
     def rows(self, split: str) -> int:
@@ -290,10 +291,11 @@ class Store:
         return bf16_bits_to_float32(out) if self.dtype == "bfloat16" else out
 
     def dask(self, split: str, layer: str):
-        """``layer`` on ``split`` as a dask array, one dask chunk per zarr chunk."""
+        """Committed rows of ``layer`` on ``split`` as a dask array, a dask chunk per zarr
+        chunk (bfloat16 stores: decoded to float32)."""
         import dask.array as da
 
-        arr = da.from_zarr(self.features(split, layer))
+        arr = da.from_zarr(self.features(split, layer))[: self.committed(split)]
         if self.dtype == "bfloat16":
             arr = arr.map_blocks(bf16_bits_to_float32, dtype=np.float32)
         return arr
@@ -345,8 +347,9 @@ class Store:
             except KeyError:
                 label_names = []
                 problems.append(f"{split}/labels: group is missing")
-            if "y" not in label_names:
-                problems.append(f"{split}/labels/y: array is missing")
+            for name in self.meta["config"].get("labels", ["y"]):
+                if name not in label_names:
+                    problems.append(f"{split}/labels/{name}: array is missing")
             arrays += [(f"{split}/labels/{n}", None, np.dtype("int64")) for n in label_names]
             for name, dim, dtype in arrays:
                 self._verify_array(report, name, rows, committed, dim, dtype)
@@ -431,6 +434,3 @@ def open_store(path: str | os.PathLike) -> Store:
     """Open an existing store read-only."""
     return Store(path)
 
-
-def _as_mapping(x: Any) -> Mapping:  # pragma: no cover - tiny helper
-    return x if isinstance(x, Mapping) else {}

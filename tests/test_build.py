@@ -494,3 +494,63 @@ def test_cuda_capture_matches_cpu(tmp_path):
         ref = cpu.read("train", layer)
         err = np.linalg.norm(bf16.read("train", layer) - ref) / np.linalg.norm(ref)
         assert err < 3e-2, (layer, err)
+
+
+class _Skipping(nn.Module):
+    """Runs its second layer only on the first call: data-dependent control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(784, 8), nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.a(x.flatten(1))
+        return self.b(h) if self.calls <= 2 else h
+
+
+def test_a_site_that_stops_firing_is_an_error_not_stale_rows(tmp_path, fashion):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(engine.ProbeEngineError, match="data-dependent control flow"):
+        build(_Skipping(), fashion["test"], path, layers=["a", "b"], valid_size=0,
+              batch_size=32, block_bytes=1)
+    store = engine.open_store(path)
+    assert store.committed("train") == 32 and store.verify().ok
+
+
+def test_interrupted_creation_is_resumable(tmp_path, fashion, convnet, monkeypatch):
+    from engine import build as build_module
+
+    path = tmp_path / "s.zarr"
+    original = build_module._ensure_arrays
+
+    def half(group, meta, reductions, cname):
+        meta = {**meta, "layers": meta["layers"][:3]}
+        original(group, meta, reductions, cname)
+        raise KeyboardInterrupt("killed while creating arrays")
+
+    monkeypatch.setattr(build_module, "_ensure_arrays", half)
+    with pytest.raises(KeyboardInterrupt):
+        build(convnet, fashion["test"], path)
+    monkeypatch.setattr(build_module, "_ensure_arrays", original)
+    store = build(convnet, fashion["test"], path)
+    assert store.complete and store.verify().ok and len(store.layers) == 10
+
+
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, fashion, convnet):
+    for kw, match in [({"compressor": "gzip"}, "compressor"), ({"batch_size": 0}, "batch_size"),
+                      ({"dtype": "int8"}, "dtype"), ({"nan_policy": "drop"}, "nan_policy"),
+                      ({"sites": ("middle",)}, "sites")]:
+        with pytest.raises(ValueError, match=match):
+            build(convnet, fashion["test"], tmp_path / "s.zarr", **kw)
+        assert not (tmp_path / "s.zarr").exists()
+
+
+def test_model_spread_over_devices_is_not_moved(tmp_path, fashion):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
+    run = engine.build._Runner(model, torch.device("cpu"), None, False)
+    assert run._home == torch.device("cpu") and not run._move
+    model.register_buffer("elsewhere", torch.zeros(1, device="meta"))
+    run = engine.build._Runner(model, torch.device("cpu"), None, False)
+    assert run._home is None and not run._move

@@ -15,6 +15,7 @@ BUILTIN = {
     E.DataError: ValueError,
     E.NonFiniteError: ValueError,
     E.DatasetNotFoundError: FileNotFoundError,
+    E.ReductionError: ValueError,
 }
 
 
