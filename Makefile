@@ -26,6 +26,7 @@ demo: $(VENV)/.installed data
 	$(PY) -m engine.cli demo
 
 test: $(VENV)/.installed-dev data
+	$(PY) -m ruff check engine kernels benchmarks tests
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev
