@@ -138,7 +138,9 @@ def remove_store(path: str | os.PathLike) -> None:
     if is_local(path):
         shutil.rmtree(path)
     else:
-        zarr.open_group(_zarr_store(path, read_only=False), mode="w")
+        from zarr.core.sync import sync
+
+        sync(_zarr_store(path, read_only=False).delete_dir(""))
 
 
 @dataclass

@@ -90,3 +90,16 @@ def test_bfloat16_bits_decode_exactly():
     x = torch.randn(1000).to(torch.bfloat16)
     bits = x.view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bf16_bits_to_float32(bits), x.float().numpy())
+
+
+def test_fsspec_url_store_builds_resumes_and_verifies(fashion, convnet):
+    url = "memory://probe-engine-test/s.zarr"
+    kw = dict(layers=["logits"], progress=False)
+    store = engine.build_store(convnet, fashion, url, **kw)
+    assert store.complete and store.verify().ok
+    np.testing.assert_array_equal(store.labels("test"), fashion["test"].targets)
+    again = engine.build_store(convnet, fashion, url, **kw)  # complete: resumes to a no-op
+    assert again.read("test", "logits").tobytes() == store.read("test", "logits").tobytes()
+    with pytest.raises(engine.StoreExistsError):
+        engine.build_store(convnet, fashion, url, resume=False, **kw)
+    engine.build_store(convnet, fashion, url, overwrite=True, **kw)
