@@ -422,7 +422,7 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
             state["flags"].append((site.key, (out if cuda else dest).sum(dtype=acc)))
 
     bar = tqdm(total=total, unit="row", unit_scale=True, disable=not progress,
-               desc=f"build {Path(path).name}", smoothing=0.1)
+               desc=f"build {Path(path).name}", smoothing=0.1, mininterval=0.5)
     t0 = time.perf_counter()
     try:
         with hooked(run.model, _modules_of(sites), sides, sink):
