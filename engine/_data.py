@@ -48,7 +48,7 @@ class SplitSource:
     def batches(self, start: int, batch_size: int, *, pin_memory: bool = False):
         """(inputs, labels) batches of rows [start, N), validated."""
         loader = DataLoader(
-            _Checked(self.dataset, self.name, self.collate_fn, pin_memory=pin_memory),
+            _Checked(self.dataset, self.name, self.collate_fn),
             batch_size=batch_size,
             sampler=self.index[start:].tolist(),
             collate_fn=_passthrough,
@@ -57,6 +57,9 @@ class SplitSource:
         row = start
         for inputs, labels in loader:
             _check_labels(labels, self.name, row)
+            # pinned here, not by the DataLoader, which fails on batches already on a GPU
+            if pin_memory and inputs.device.type == "cpu" and not inputs.is_pinned():
+                inputs = inputs.pin_memory()
             yield inputs, labels
             row += len(labels)
 
@@ -68,21 +71,13 @@ def _passthrough(batch):
 class _Checked(Dataset):
     """Wraps a dataset so that each fetched item is checked and named by its index."""
 
-    def __init__(self, dataset: Dataset, split: str, collate_fn=None, pin_memory: bool = False):
+    def __init__(self, dataset: Dataset, split: str, collate_fn=None):
         self.dataset, self.split, self.collate_fn = dataset, split, collate_fn
-        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        batch = self._collate(indices)
-        # pinned here rather than by the DataLoader, which fails on batches already on a GPU
-        if self.pin_memory and batch.inputs.device.type == "cpu":
-            batch = Batch(batch.inputs.pin_memory(), batch.labels)
-        return batch
-
-    def _collate(self, indices: list[int]) -> Batch:
         fetch = getattr(self.dataset, "__getitems__", None)
         items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
         if isinstance(items, Batch):

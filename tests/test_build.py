@@ -554,3 +554,13 @@ def test_model_spread_over_devices_is_not_moved(tmp_path, fashion):
     model.register_buffer("elsewhere", torch.zeros(1, device="meta"))
     run = engine.build._Runner(model, torch.device("cpu"), None, False)
     assert run._home is None and not run._move
+
+
+def test_dataloader_workers_give_the_same_store(tmp_path, fashion, convnet):
+    kw = dict(layers=["conv2_postpool", "logits"], batch_size=64)
+    plain = build(convnet, fashion["test"], tmp_path / "a.zarr", **kw)
+    loader = DataLoader(fashion["test"], batch_size=64, num_workers=2)
+    workers = build(convnet, loader, tmp_path / "b.zarr", **kw)
+    for split in plain.splits:
+        for layer in plain.layers:
+            assert plain.read(split, layer).tobytes() == workers.read(split, layer).tobytes()
