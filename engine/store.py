@@ -190,10 +190,6 @@ class Store:
             )
 
     # -- metadata ------------------------------------------------------------------------
-    def reload(self) -> None:
-        self.group = zarr.open_group(self._zstore, mode="r" if self._zstore.read_only else "r+")
-        self.meta = dict(self.group.attrs[ATTR])
-
     @property
     def layers(self) -> list[str]:
         """Layer keys in network order (``"input"``, module names, ``"<module>:input"``)."""
