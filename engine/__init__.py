@@ -14,12 +14,15 @@ from .errors import (
     NonFiniteError,
     ProbeEngineError,
     ReductionError,
+    RunNotFoundError,
     SplitNotFoundError,
     StoreCorruptedError,
     StoreError,
     StoreExistsError,
     StoreMismatchError,
 )
+from .results import ProbeResults, load_results
+from .solve import ProbeEngineWarning, solve
 from .store import Store, VerifyReport, open_store
 
 __version__ = "0.1.0"
@@ -31,7 +34,10 @@ __all__ = [
     "LayerNotFoundError",
     "NonFiniteError",
     "ProbeEngineError",
+    "ProbeEngineWarning",
+    "ProbeResults",
     "ReductionError",
+    "RunNotFoundError",
     "SplitNotFoundError",
     "Store",
     "StoreCorruptedError",
@@ -41,6 +47,8 @@ __all__ = [
     "VerifyReport",
     "build_store",
     "datasets",
+    "load_results",
     "models",
     "open_store",
+    "solve",
 ]

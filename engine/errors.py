@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteError",
     "ProbeEngineError",
     "ReductionError",
+    "RunNotFoundError",
     "SplitNotFoundError",
     "StoreCorruptedError",
     "StoreError",
@@ -76,6 +77,12 @@ class NonFiniteError(DataError):
 
 class DatasetNotFoundError(ProbeEngineError, FileNotFoundError):
     """The files of a dataset cannot be found (or fetched) anywhere that was tried."""
+
+
+class RunNotFoundError(ProbeEngineError, KeyError):
+    """No saved probe run of that name in the store."""
+
+    __str__ = _plain_str
 
 
 class ReductionError(ProbeEngineError, ValueError):

@@ -321,6 +321,12 @@ class Store:
             except (ValueError, RuntimeError, OSError):
                 yield _chunk_key(arr, c)
 
+    def results(self, run: str = "default"):
+        """The probes and metrics of a saved solve ``run`` (:func:`engine.load_results`)."""
+        from .results import load_results
+
+        return load_results(self, run)
+
     # -- checks --------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
         """Check metadata, every committed chunk's presence and checksum, and row counts."""

@@ -16,6 +16,7 @@ BUILTIN = {
     E.NonFiniteError: ValueError,
     E.DatasetNotFoundError: FileNotFoundError,
     E.ReductionError: ValueError,
+    E.RunNotFoundError: KeyError,
 }
 
 

@@ -1,0 +1,192 @@
+"""L-BFGS with a strong-Wolfe line search, one state machine per probe.
+
+Every probe keeps its own parameters, history, step and convergence test; the caller
+evaluates the objective of every probe that asks for a point in one pass over the data.
+That is the whole trick of the batched solver: the arithmetic per probe is cheap (vectors of
+(D+1)*C numbers), the data pass is what costs, and it is shared.
+
+The line search follows Nocedal & Wright, *Numerical Optimization* (2nd ed.), algorithms 3.5
+(bracketing) and 3.6 (zoom), with safeguarded cubic interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+C1, C2 = 1e-4, 0.9  # sufficient decrease, curvature (strong Wolfe)
+MAX_EVALS = 25  # per line search
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def _cubic_min(a: float, fa: float, ga: float, b: float, fb: float, gb: float) -> float:
+    """Minimiser of the cubic through (a, fa, ga) and (b, fb, gb), kept inside [a, b] and
+    away from its ends; bisection when the cubic has no minimum there."""
+    lo, hi = min(a, b), max(a, b)
+    d1 = ga + gb - 3 * (fa - fb) / (a - b)
+    sq = d1 * d1 - ga * gb
+    if sq >= 0:
+        d2 = math.copysign(math.sqrt(sq), b - a)
+        t = b - (b - a) * ((gb + d2 - d1) / (gb - ga + 2 * d2))
+        if math.isfinite(t):
+            margin = 0.1 * (hi - lo)
+            return min(max(t, lo + margin), hi - margin)
+    return (lo + hi) / 2
+
+
+@dataclass
+class _Point:
+    alpha: float
+    f: float
+    gd: float  # directional derivative g . d
+    g: torch.Tensor | None
+
+
+class WolfeSearch:
+    """Strong-Wolfe line search along ``d`` from (f0, g0 . d); ``propose`` gives the next
+    step, ``observe`` takes its value and returns "accept", "continue" or "fail"."""
+
+    def __init__(self, f0: float, gd0: float, alpha0: float):
+        self.start = _Point(0.0, f0, gd0, None)
+        self.prev = self.start
+        self.alpha = alpha0
+        self.lo: _Point | None = None
+        self.hi: _Point | None = None
+        self.evals = 0
+        self.best: _Point | None = None  # the lowest point seen, for a failed search
+        self.accepted: _Point | None = None
+
+    def propose(self) -> float:
+        return self.alpha
+
+    def observe(self, f: float, gd: float, g: torch.Tensor) -> str:
+        pt = _Point(self.alpha, f, gd, g)
+        self.evals += 1
+        if math.isfinite(f) and (self.best is None or f < self.best.f):
+            self.best = pt
+        f0, gd0 = self.start.f, self.start.gd
+        armijo = math.isfinite(f) and f <= f0 + C1 * pt.alpha * gd0
+        curvature = abs(gd) <= -C2 * gd0
+        if self.lo is None:  # bracketing
+            if not armijo or (self.evals > 1 and f >= self.prev.f):
+                self.lo, self.hi = self.prev, pt
+            elif curvature:
+                self.accepted = pt
+                return "accept"
+            elif gd >= 0:
+                self.lo, self.hi = pt, self.prev
+            else:
+                self.prev = pt
+                self.alpha = pt.alpha * 2.0
+                return self._budget()
+        else:  # zoom
+            if not armijo or f >= self.lo.f:
+                self.hi = pt
+            else:
+                if curvature:
+                    self.accepted = pt
+                    return "accept"
+                if gd * (self.hi.alpha - self.lo.alpha) >= 0:
+                    self.hi = self.lo
+                self.lo = pt
+        lo, hi = self.lo, self.hi
+        if abs(hi.alpha - lo.alpha) * 1e6 < max(lo.alpha, hi.alpha, 1e-30):
+            return self._give_up()
+        if math.isfinite(hi.f):
+            self.alpha = _cubic_min(lo.alpha, lo.f, lo.gd, hi.alpha, hi.f, hi.gd)
+        else:
+            self.alpha = (lo.alpha + hi.alpha) / 2
+        return self._budget()
+
+    def _budget(self) -> str:
+        return "continue" if self.evals < MAX_EVALS else self._give_up()
+
+    def _give_up(self) -> str:
+        """Keep the lowest point if it decreased the objective at all, else fail."""
+        if self.best is not None and self.best.f < self.start.f and self.best.g is not None:
+            self.accepted = self.best
+            return "accept"
+        return "fail"
+
+
+@dataclass
+class LBFGSState:
+    """One probe's optimiser state: parameters ``x`` ((D+1, C) float), objective ``f``,
+    gradient ``g``, the last ``history`` curvature pairs."""
+
+    x: torch.Tensor
+    f: float = math.inf
+    g: torch.Tensor | None = None
+    history: int = 10
+    s: deque = field(default_factory=deque)
+    y: deque = field(default_factory=deque)
+    rho: deque = field(default_factory=deque)
+    iterations: int = 0
+    evaluations: int = 0
+    done: bool = False
+    converged: bool = False
+    reason: str = ""
+    d: torch.Tensor | None = None
+    search: WolfeSearch | None = None
+
+    def direction(self) -> torch.Tensor:
+        """-H g by the two-loop recursion (H0 = (s.y / y.y) I)."""
+        q = -self.g.clone()
+        alphas = []
+        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho),
+                             strict=True):
+            a = rho * _dot(s, q)
+            alphas.append(a)
+            q.add_(y, alpha=-a)
+        if self.s:
+            q.mul_(_dot(self.s[-1], self.y[-1]) / _dot(self.y[-1], self.y[-1]))
+        for (s, y, rho), a in zip(zip(self.s, self.y, self.rho, strict=True),
+                                  reversed(alphas), strict=True):
+            b = rho * _dot(y, q)
+            q.add_(s, alpha=a - b)
+        return q
+
+    def start_iteration(self) -> None:
+        self.d = self.direction()
+        gd = _dot(self.g, self.d)
+        if not gd < 0:  # not a descent direction (lost curvature): restart from -g
+            self.s.clear(), self.y.clear(), self.rho.clear()
+            self.d = -self.g
+            gd = _dot(self.g, self.d)
+        first = 1.0 if self.s else min(1.0, 1.0 / max(float(self.g.abs().sum()), 1e-30))
+        self.search = WolfeSearch(self.f, gd, first)
+
+    def trial(self) -> torch.Tensor:
+        return self.x + self.search.propose() * self.d
+
+    def finish_iteration(self, point: _Point, tol: float, max_iter: int) -> None:
+        step = point.alpha * self.d
+        y = point.g - self.g
+        ys = _dot(y, step)
+        if ys > 1e-10 * max(1.0, _dot(y, y)):
+            if len(self.s) == self.history:
+                self.s.popleft(), self.y.popleft(), self.rho.popleft()
+            self.s.append(step), self.y.append(y), self.rho.append(1.0 / ys)
+        f_old = self.f
+        self.x = self.x + step
+        self.f, self.g = point.f, point.g
+        self.iterations += 1
+        self.search = None
+        if float(self.g.abs().max()) <= tol:
+            self.done, self.converged, self.reason = True, True, "gradient below tol"
+        elif abs(f_old - self.f) <= 1e-12 * max(abs(f_old), abs(self.f), 1.0):
+            self.done, self.converged, self.reason = True, True, "objective stopped changing"
+        elif self.iterations >= max_iter:
+            self.done, self.reason = True, "max_iter reached"
+
+    def fail(self, tol: float) -> None:
+        """No step decreased the objective: at the optimum to working precision, or stuck."""
+        self.done, self.search = True, None
+        self.converged = float(self.g.abs().max()) <= 10 * tol
+        self.reason = "line search found no decrease (at the precision limit)"

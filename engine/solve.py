@@ -1,0 +1,442 @@
+"""``solve``: fit every layer's softmax probe at once.
+
+Per probe k, with features X (N, D_k), labels y in [0, C) and L2 strength lambda::
+
+    L_k(W, b) = (1/N) sum_i CE(softmax(X_i W + b), y_i) + (lambda / 2) ||W||_F^2
+
+(b is not penalised). This is scikit-learn's ``LogisticRegression(C=1/(lambda*N))``
+objective for C > 2 classes. The problem is convex; L-BFGS (``engine._lbfgs``) solves each
+probe to ``max|grad| <= tol``, every probe with its own line search and convergence test,
+while one pass over the features per layer evaluates every probe of that layer that asked
+for a point: the lambda grid of ``l2="auto"`` adds columns to the same matrix products, not
+passes. Loss and gradient come from the softmax-cross-entropy kernel seam
+(``kernels.reference.softmax_xent`` on the CPU and through torch on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kernels.reference import softmax_xent
+
+from ._lbfgs import LBFGSState
+from .errors import (
+    DataError,
+    LayerNotFoundError,
+    NonFiniteError,
+    SplitNotFoundError,
+    StoreError,
+)
+from .results import ProbeResults, save_layer, saved_layers, start_run
+from .store import Store, open_store
+
+__all__ = ["solve", "DEFAULT_L2_GRID", "ProbeEngineWarning"]
+
+#: lambda values tried by ``l2="auto"`` (per-row loss scale: sklearn C = 1 / (lambda * N))
+DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
+
+
+class ProbeEngineWarning(UserWarning):
+    """Something a user should know that does not stop the solve."""
+
+
+def solve(
+    source: Store | str | Mapping,
+    *,
+    labels: Any = None,
+    layers: list[str] | None = None,
+    label: str = "y",
+    solver: str = "lbfgs",
+    l2: str | float | list[float] = "auto",
+    max_iter: int = 500,
+    tol: float = 1e-4,
+    device: str = "auto",
+    dtype: str = "float32",
+    run: str = "default",
+    allow_partial: bool = False,
+    progress: bool = True,
+) -> ProbeResults:
+    """Fit a softmax linear probe on every layer of ``source``.
+
+    Args:
+        source: a :class:`Store` or its path; or, without a store, a mapping
+            ``{layer: (N, D) array}`` (one "train" split) or ``{split: {layer: array}}``,
+            numpy, torch or zarr arrays, with ``labels`` an (N,) array or ``{split: array}``.
+        layers: layer keys to probe (default: all).
+        label: which label array of the store to predict.
+        solver: ``"lbfgs"`` (full batch, features resident on ``device``).
+        l2: lambda, a list of lambdas, or ``"auto"`` (:data:`DEFAULT_L2_GRID`); with more
+            than one, every lambda is fitted and the one with the lowest validation top-1
+            error (then loss) is kept, which needs a ``"valid"`` split.
+        max_iter, tol: L-BFGS stops a probe when ``max |grad| <= tol`` (scikit-learn's
+            ``tol`` for lbfgs) or after ``max_iter`` iterations.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
+        dtype: arithmetic, ``"float32"`` or ``"float64"``; float16 / bfloat16 features are
+            upcast block by block.
+        run: name of the run: probes are saved to ``probes/<run>/<layer>`` in the store as
+            each layer finishes, and a rerun of the same run skips finished layers.
+        allow_partial: solve an incomplete store on its committed rows instead of refusing.
+
+    Returns:
+        :class:`ProbeResults`: ``.table`` has one row per (layer, split).
+    """
+    if solver != "lbfgs":
+        raise ValueError(f"solver must be 'lbfgs', not {solver!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    if max_iter < 1 or not tol > 0:
+        raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter}, {tol}")
+    grid = _grid(l2)
+    dev = resolve_device(device)
+    t_start = time.perf_counter()
+
+    store = None
+    if isinstance(source, (str, Store)) or hasattr(source, "__fspath__"):
+        store = source if isinstance(source, Store) else open_store(source)
+        if labels is not None:
+            raise ValueError("labels= is for mapping sources; a store has its own labels")
+        data = _from_store(store, layers, label, allow_partial)
+    elif isinstance(source, Mapping):
+        data = _from_mapping(source, labels, layers)
+    else:
+        raise TypeError(f"solve() takes a Store, a store path or a mapping of arrays, not "
+                        f"{type(source).__name__}")
+    if len(grid) > 1 and "valid" not in data.splits:
+        raise SplitNotFoundError(
+            f"choosing among {len(grid)} l2 values needs a 'valid' split, and there is none "
+            f"(splits: {list(data.splits)}); pass one l2 value, e.g. l2=1e-4"
+        )
+    config = {"solver": solver, "l2": list(grid), "label": label, "max_iter": max_iter,
+              "tol": tol, "dtype": dtype, "num_classes": data.num_classes,
+              "allow_partial": allow_partial}
+    done: dict[str, dict] = {}
+    if store is not None:
+        start_run(store, run, config)
+        done = saved_layers(store, run)
+    todo = [layer for layer in data.layers if layer not in done]
+
+    fit = _Fitter(data, dev, _DTYPES[dtype], grid, max_iter, tol)
+    finished: dict[str, dict] = dict(done)
+
+    def on_layer(layer: str, record: dict) -> None:
+        record["seconds"] = round(time.perf_counter() - t_start, 3)
+        finished[layer] = record
+        if store is not None:
+            save_layer(store, run, layer, record)
+
+    if todo:
+        fit.run(todo, on_layer, progress=progress)
+    info = {layer: data.info.get(layer, {}) for layer in data.layers}
+    return ProbeResults.from_records(
+        {layer: finished[layer] for layer in data.layers}, info, config=config,
+        run=run if store is not None else None, path=store.path if store else None,
+    )
+
+
+# -- inputs ------------------------------------------------------------------------------
+def _grid(l2) -> tuple[float, ...]:
+    if isinstance(l2, str):
+        if l2 != "auto":
+            raise ValueError(f"l2 must be 'auto', a number or a list of numbers, not {l2!r}")
+        return DEFAULT_L2_GRID
+    values = [l2] if isinstance(l2, (int, float)) else list(l2)
+    if not values or not all(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)
+                             for v in values):
+        raise ValueError(f"l2 values must be finite and >= 0, got {l2!r}")
+    return tuple(float(v) for v in sorted(set(values)))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; a device that does not exist -> error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"device {device!r} does not exist here ({n} CUDA device(s)); "
+                         f"use device='cpu' or 'auto'")
+    return dev
+
+
+@dataclass
+class _Data:
+    """Features (split -> layer -> (N, D) tensor, CPU) and labels (split -> (N,) int64)."""
+
+    features: dict[str, dict[str, torch.Tensor]]
+    labels: dict[str, torch.Tensor]
+    num_classes: int
+    layers: list[str]
+    info: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.labels)
+
+
+def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
+    if not store.complete and not allow_partial:
+        counts = ", ".join(f"{s} {store.committed(s)}/{store.rows(s)}" for s in store.splits)
+        raise StoreError(f"the build of {store.path} is incomplete ({counts} rows committed); "
+                         f"finish it with build_store(..., resume=True), or pass "
+                         f"allow_partial=True to solve on the committed rows")
+    chosen = list(store.layers) if layers is None else list(layers)
+    for layer in chosen:
+        store.layer_info(layer)  # LayerNotFoundError listing what exists
+    labels = {s: torch.from_numpy(store.labels(s, label)) for s in store.splits
+              if store.committed(s) > 0}
+    if "train" not in labels:
+        raise SplitNotFoundError(f"{store.path} has no committed 'train' rows to fit on; "
+                                 f"splits: {store.splits}")
+    features = {s: {layer: torch.from_numpy(store.read(s, layer)) for layer in chosen}
+                for s in labels}
+    info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
+            for layer in chosen}
+    return _checked(features, labels, chosen, info, store.num_classes(label))
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return torch.from_numpy(np.ascontiguousarray(x[:] if hasattr(x, "chunks") else x))
+
+
+def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
+    first = next(iter(source.values()), None)
+    by_split = source if isinstance(first, Mapping) else {"train": source}
+    if labels is None:
+        raise DataError("solve(mapping) needs labels=: an (N,) array, or {split: array}")
+    labels = labels if isinstance(labels, Mapping) else {"train": labels}
+    if set(labels) != set(by_split):
+        raise DataError(f"labels are given for splits {sorted(labels)}, features for "
+                        f"{sorted(by_split)}; give both for the same splits")
+    chosen = list(next(iter(by_split.values()))) if layers is None else list(layers)
+    features = {}
+    for split, layers_of in by_split.items():
+        missing = [layer for layer in chosen if layer not in layers_of]
+        if missing:
+            raise LayerNotFoundError(f"split {split!r} has no features for {missing}; it has "
+                                     f"{sorted(layers_of)}")
+        features[split] = {layer: _as_tensor(layers_of[layer]) for layer in chosen}
+    y = {s: _as_tensor(v) for s, v in labels.items()}
+    info = {layer: {"site": "", "dim": int(features["train"][layer].shape[1]),
+                    "reduction": ""} for layer in chosen}
+    return _checked(features, y, chosen, info, None)
+
+
+def _checked(features, labels, layers, info, num_classes) -> _Data:
+    for split, y in labels.items():
+        if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError(f"labels of split {split!r} must be (N,) integers, got "
+                            f"{y.dtype} of shape {tuple(y.shape)}")
+        labels[split] = y.to(torch.int64)
+        for layer, x in features[split].items():
+            if x.ndim != 2 or x.shape[0] != y.shape[0]:
+                raise DataError(f"layer {layer!r}, split {split!r}: features of shape "
+                                f"{tuple(x.shape)} do not match {y.shape[0]} labels")
+            if not x.is_floating_point():
+                raise DataError(f"layer {layer!r}, split {split!r}: features are {x.dtype}, "
+                                f"not floating point")
+            _check_finite(x, layer, split)
+    y_train = labels["train"]
+    if y_train.numel() == 0:
+        raise DataError("the train split has no rows")
+    top = max(int(y.max()) for y in labels.values() if y.numel())
+    c = int(num_classes) if num_classes else top + 1
+    for split, y in labels.items():
+        bad = ((y < 0) | (y >= c)).nonzero()
+        if len(bad):
+            r = int(bad[0])
+            raise DataError(f"split {split!r}, row {r}: label {int(y[r])} is out of range for "
+                            f"{c} classes")
+    present = torch.bincount(y_train, minlength=c) > 0
+    if int(present.sum()) < 2:
+        raise DataError(f"the train split has one class only ({int(y_train[0])}); a probe "
+                        f"needs at least two")
+    for split, y in labels.items():
+        unseen = sorted(set(torch.unique(y).tolist()) - set(present.nonzero().view(-1).tolist()))
+        if unseen and split != "train":
+            warnings.warn(f"split {split!r} has classes never seen in train: {unseen[:10]}; "
+                          f"their rows count as errors", ProbeEngineWarning, stacklevel=4)
+    return _Data(features, labels, c, list(layers), info)
+
+
+def _check_finite(x: torch.Tensor, layer: str, split: str) -> None:
+    step = 1 << 16
+    for r0 in range(0, x.shape[0], step):
+        block = x[r0 : r0 + step]
+        if math.isfinite(float(block.sum(dtype=torch.float64))):
+            continue
+        row = r0 + int((~torch.isfinite(block.float())).any(dim=1).nonzero()[0])
+        raise NonFiniteError(f"layer {layer!r}, split {split!r}, row {row}: the features hold "
+                             f"NaN or inf; rebuild those rows or leave the layer out")
+
+
+# -- the fit -----------------------------------------------------------------------------
+@dataclass
+class _Probe:
+    layer: str
+    l2: float
+    state: LBFGSState
+
+
+class _Fitter:
+    """Evaluates many probes per pass over each layer's features, and drives L-BFGS."""
+
+    def __init__(self, data: _Data, device: torch.device, dtype: torch.dtype,
+                 grid: tuple[float, ...], max_iter: int, tol: float):
+        self.data, self.device, self.dtype = data, device, dtype
+        self.grid, self.max_iter, self.tol = grid, max_iter, tol
+        self.C = data.num_classes
+        self._resident: dict[tuple[str, str], torch.Tensor] = {}
+        self._y = {s: y.to(device) for s, y in data.labels.items()}
+
+    def features(self, split: str, layer: str) -> torch.Tensor:
+        """(N, D) features on the device: in the arithmetic dtype when that fits in a third
+        of the device's free memory, else as stored (upcast block by block)."""
+        key = (split, layer)
+        x = self._resident.get(key)
+        if x is None:
+            src = self.data.features[split][layer]
+            wide = src.numel() * torch.finfo(self.dtype).bits // 8
+            target = self.dtype if wide < _free_bytes(self.device) // 3 else src.dtype
+            x = self._resident[key] = src.to(self.device, target)
+        return x
+
+    def evaluate(self, split: str, requests: list[tuple[_Probe, torch.Tensor]], *,
+                 grad: bool) -> list[tuple[float, torch.Tensor | None, float, float]]:
+        """(objective, gradient, top1_error, top5_error) of each requested (probe, params),
+        layer by layer, one pass over each layer's rows; without ``grad`` the objective is
+        the plain mean cross-entropy."""
+        out: list = [None] * len(requests)
+        by_layer: dict[str, list[int]] = {}
+        for i, (probe, _) in enumerate(requests):
+            by_layer.setdefault(probe.layer, []).append(i)
+        y = self._y[split]
+        n, c = y.shape[0], self.C
+        for layer, idx in by_layer.items():
+            x = self.features(split, layer)
+            d, k = x.shape[1], len(idx)
+            theta = torch.stack([requests[i][1] for i in idx], dim=1)  # (D+1, K, C)
+            w, b = theta[:d].reshape(d, k * c), theta[d].reshape(k * c)
+            loss = torch.zeros(k, dtype=torch.float64, device=self.device)
+            top1 = torch.zeros(k, dtype=torch.int64, device=self.device)
+            top5 = torch.zeros_like(top1)
+            g = torch.zeros_like(theta) if grad else None
+            rows = max(256, _BLOCK_BYTES // (k * c * theta.element_size()))
+            for r0 in range(0, n, rows):
+                xb = x[r0 : r0 + rows].to(self.dtype)
+                z = torch.addmm(b, xb, w)  # (B, K*C)
+                _, ls, t1, t5 = softmax_xent(z.view(-1, k, c).transpose(0, 1), y[r0 : r0 + rows],
+                                             scale=1.0 / n, grad=grad)
+                loss += ls.double()
+                top1 += t1
+                top5 += t5
+                if grad:  # z now holds the gradient w.r.t. the logits
+                    g[:d].view(d, k * c).addmm_(xb.T, z)
+                    g[d].view(k * c).add_(z.sum(dim=0))
+            loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
+            for j, i in enumerate(idx):
+                probe, params = requests[i]
+                f, gj = loss[j], None
+                if grad:
+                    wj = params[:d]
+                    f += 0.5 * probe.l2 * float((wj.double() ** 2).sum())
+                    gj = g[:, j].clone()
+                    gj[:d].add_(wj, alpha=probe.l2)
+                out[i] = (f, gj, 1.0 - top1[j] / n, 1.0 - top5[j] / n)
+        return out
+
+    def run(self, layers: list[str], on_layer, *, progress: bool) -> None:
+        probes = [
+            _Probe(layer, l2, LBFGSState(torch.zeros(
+                self.data.features["train"][layer].shape[1] + 1, self.C,
+                dtype=self.dtype, device=self.device)))
+            for layer in layers for l2 in self.grid
+        ]
+        for p, (f, g, _, _) in zip(probes, self.evaluate(
+                "train", [(p, p.state.x) for p in probes], grad=True), strict=True):
+            p.state.f, p.state.g = f, g
+        pending = set(layers)
+        bar = tqdm(total=len(probes), unit="probe", disable=not progress, desc="solve")
+        iterations = 0
+        while True:
+            active = [p for p in probes if not p.state.done]
+            for layer in sorted(pending - {p.layer for p in active}):
+                pending.discard(layer)
+                on_layer(layer, self._record(layer, [p for p in probes if p.layer == layer]))
+            if not active:
+                break
+            for p in active:
+                p.state.start_iteration()
+            searching = active
+            while searching:
+                results = self.evaluate("train", [(p, p.state.trial()) for p in searching],
+                                        grad=True)
+                still = []
+                for p, (f, g, _, _) in zip(searching, results, strict=True):
+                    st = p.state
+                    st.evaluations += 1
+                    status = st.search.observe(f, float(torch.dot(g.reshape(-1),
+                                                                  st.d.reshape(-1))), g)
+                    if status == "accept":
+                        st.finish_iteration(st.search.accepted, self.tol, self.max_iter)
+                    elif status == "fail":
+                        st.fail(self.tol)
+                    else:
+                        still.append(p)
+                searching = still
+            iterations += 1
+            bar.n = sum(p.state.done for p in probes)
+            bar.set_postfix_str(f"iteration {iterations}", refresh=True)
+        bar.close()
+
+    def _record(self, layer: str, probes: list[_Probe]) -> dict:
+        """Metrics of every lambda of a finished layer, the chosen one first-class."""
+        metrics = {}
+        for split in self.data.splits:
+            res = self.evaluate(split, [(p, p.state.x) for p in probes], grad=False)
+            for p, (loss, _, e1, e5) in zip(probes, res, strict=True):
+                metrics.setdefault(p.l2, {})[split] = {
+                    "loss": loss, "top1_error": e1,
+                    "top5_error": e5 if self.C > 5 else float("nan")}
+        pick = "valid" if "valid" in self.data.splits else "train"
+        best = min(probes, key=lambda p: (metrics[p.l2][pick]["top1_error"],
+                                          metrics[p.l2][pick]["loss"], -p.l2))
+        st = best.state
+        d = st.x.shape[0] - 1
+        return {
+            "l2": best.l2, "W": st.x[:d].float().cpu().numpy(),
+            "b": st.x[d].float().cpu().numpy(), "objective": st.f,
+            "iterations": st.iterations, "evaluations": st.evaluations,
+            "converged": st.converged, "reason": st.reason, "metrics": metrics[best.l2],
+            "grid": [{"l2": p.l2, "objective": p.state.f, "iterations": p.state.iterations,
+                      "converged": p.state.converged, **{
+                          f"{s}_{m}": v for s, ms in metrics[p.l2].items()
+                          for m, v in ms.items()}} for p in probes],
+        }
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
