@@ -19,7 +19,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,17 +176,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 @dataclass
 class _Data:
-    """Features (split -> layer -> (N, D) tensor, CPU) and labels (split -> (N,) int64)."""
+    """Where the features are (read lazily, row range by row range) and the labels
+    (split -> (N,) int64, in memory: labels are small)."""
 
-    features: dict[str, dict[str, torch.Tensor]]
+    reader: Callable[[str, str, int, int], Any]
+    dims: dict[str, int]
     labels: dict[str, torch.Tensor]
     num_classes: int
     layers: list[str]
     info: dict[str, dict] = field(default_factory=dict)
+    block_rows: int = 8192  # rows per read when streaming
 
     @property
     def splits(self) -> list[str]:
         return list(self.labels)
+
+    def rows(self, split: str) -> int:
+        return int(self.labels[split].shape[0])
+
+    def read(self, split: str, layer: str, start: int = 0, stop: int | None = None
+             ) -> torch.Tensor:
+        """Rows [start, stop) of ``layer`` on ``split`` as a CPU tensor, checked finite."""
+        stop = self.rows(split) if stop is None else stop
+        x = _as_tensor(self.reader(split, layer, start, stop))
+        if not x.is_floating_point():
+            raise DataError(f"layer {layer!r}, split {split!r}: features are {x.dtype}, not "
+                            f"floating point")
+        _check_finite(x, layer, split, start)
+        return x
 
 
 def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
@@ -198,16 +215,17 @@ def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
     chosen = list(store.layers) if layers is None else list(layers)
     for layer in chosen:
         store.layer_info(layer)  # LayerNotFoundError listing what exists
+    chosen = [layer for layer in store.layers if layer in set(chosen)]  # network order
     labels = {s: torch.from_numpy(store.labels(s, label)) for s in store.splits
               if store.committed(s) > 0}
     if "train" not in labels:
         raise SplitNotFoundError(f"{store.path} has no committed 'train' rows to fit on; "
                                  f"splits: {store.splits}")
-    features = {s: {layer: torch.from_numpy(store.read(s, layer)) for layer in chosen}
-                for s in labels}
     info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
             for layer in chosen}
-    return _checked(features, labels, chosen, info, store.num_classes(label))
+    dims = {layer: info[layer]["dim"] for layer in chosen}
+    return _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
+                    store.meta["config"]["block_rows"])
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -225,34 +243,38 @@ def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
     if set(labels) != set(by_split):
         raise DataError(f"labels are given for splits {sorted(labels)}, features for "
                         f"{sorted(by_split)}; give both for the same splits")
-    chosen = list(next(iter(by_split.values()))) if layers is None else list(layers)
-    features = {}
+    if "train" not in by_split:
+        raise SplitNotFoundError(f"no 'train' split to fit on; splits: {sorted(by_split)}")
+    chosen = list(by_split["train"]) if layers is None else list(layers)
+    y = {s: _as_tensor(v) for s, v in labels.items()}
+    dims = {}
     for split, layers_of in by_split.items():
         missing = [layer for layer in chosen if layer not in layers_of]
         if missing:
             raise LayerNotFoundError(f"split {split!r} has no features for {missing}; it has "
                                      f"{sorted(layers_of)}")
-        features[split] = {layer: _as_tensor(layers_of[layer]) for layer in chosen}
-    y = {s: _as_tensor(v) for s, v in labels.items()}
-    info = {layer: {"site": "", "dim": int(features["train"][layer].shape[1]),
-                    "reduction": ""} for layer in chosen}
-    return _checked(features, y, chosen, info, None)
+        for layer in chosen:
+            shape = tuple(layers_of[layer].shape)
+            if len(shape) != 2 or shape[0] != y[split].shape[0]:
+                raise DataError(f"layer {layer!r}, split {split!r}: features of shape {shape} "
+                                f"do not match {y[split].shape[0]} labels")
+            if dims.setdefault(layer, shape[1]) != shape[1]:
+                raise DataError(f"layer {layer!r} has {dims[layer]} features on one split "
+                                f"and {shape[1]} on {split!r}")
+    info = {layer: {"site": "", "dim": dims[layer], "reduction": ""} for layer in chosen}
+
+    def reader(split: str, layer: str, start: int, stop: int):
+        return by_split[split][layer][start:stop]
+
+    return _checked(reader, dims, y, chosen, info, None, 8192)
 
 
-def _checked(features, labels, layers, info, num_classes) -> _Data:
+def _checked(reader, dims, labels, layers, info, num_classes, block_rows) -> _Data:
     for split, y in labels.items():
         if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise DataError(f"labels of split {split!r} must be (N,) integers, got "
                             f"{y.dtype} of shape {tuple(y.shape)}")
         labels[split] = y.to(torch.int64)
-        for layer, x in features[split].items():
-            if x.ndim != 2 or x.shape[0] != y.shape[0]:
-                raise DataError(f"layer {layer!r}, split {split!r}: features of shape "
-                                f"{tuple(x.shape)} do not match {y.shape[0]} labels")
-            if not x.is_floating_point():
-                raise DataError(f"layer {layer!r}, split {split!r}: features are {x.dtype}, "
-                                f"not floating point")
-            _check_finite(x, layer, split)
     y_train = labels["train"]
     if y_train.numel() == 0:
         raise DataError("the train split has no rows")
@@ -268,21 +290,22 @@ def _checked(features, labels, layers, info, num_classes) -> _Data:
     if int(present.sum()) < 2:
         raise DataError(f"the train split has one class only ({int(y_train[0])}); a probe "
                         f"needs at least two")
+    seen = set(present.nonzero().view(-1).tolist())
     for split, y in labels.items():
-        unseen = sorted(set(torch.unique(y).tolist()) - set(present.nonzero().view(-1).tolist()))
+        unseen = sorted(set(torch.unique(y).tolist()) - seen)
         if unseen and split != "train":
             warnings.warn(f"split {split!r} has classes never seen in train: {unseen[:10]}; "
                           f"their rows count as errors", ProbeEngineWarning, stacklevel=4)
-    return _Data(features, labels, c, list(layers), info)
+    return _Data(reader, dims, labels, c, list(layers), info, block_rows)
 
 
-def _check_finite(x: torch.Tensor, layer: str, split: str) -> None:
+def _check_finite(x: torch.Tensor, layer: str, split: str, offset: int = 0) -> None:
     step = 1 << 16
     for r0 in range(0, x.shape[0], step):
         block = x[r0 : r0 + step]
         if math.isfinite(float(block.sum(dtype=torch.float64))):
             continue
-        row = r0 + int((~torch.isfinite(block.float())).any(dim=1).nonzero()[0])
+        row = offset + r0 + int((~torch.isfinite(block.float())).any(dim=1).nonzero()[0])
         raise NonFiniteError(f"layer {layer!r}, split {split!r}, row {row}: the features hold "
                              f"NaN or inf; rebuild those rows or leave the layer out")
 
@@ -312,7 +335,7 @@ class _Fitter:
         key = (split, layer)
         x = self._resident.get(key)
         if x is None:
-            src = self.data.features[split][layer]
+            src = self.data.read(split, layer)
             wide = src.numel() * torch.finfo(self.dtype).bits // 8
             target = self.dtype if wide < _free_bytes(self.device) // 3 else src.dtype
             x = self._resident[key] = src.to(self.device, target)
@@ -365,7 +388,7 @@ class _Fitter:
     def run(self, layers: list[str], on_layer, *, progress: bool) -> None:
         probes = [
             _Probe(layer, l2, LBFGSState(torch.zeros(
-                self.data.features["train"][layer].shape[1] + 1, self.C,
+                self.data.dims[layer] + 1, self.C,
                 dtype=self.dtype, device=self.device)))
             for layer in layers for l2 in self.grid
         ]
