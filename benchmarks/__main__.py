@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import capture
+from . import capture, solve
 
-BENCHMARKS = {"capture": capture}
+BENCHMARKS = {"capture": capture, "solve": solve}
 
 
 def main() -> None:
@@ -19,11 +19,24 @@ def main() -> None:
     rows = []
     for name, module in BENCHMARKS.items():
         for r in module.main(["--quick", "--device", args.device]):
-            rows.append((name, r["case"], r["ratio"], r["target"]))
-    print(f"\n{'benchmark':<10} {'case':<45} {'ours/peer':>9}  target")
-    for name, case, ratio, target in rows:
-        verdict = "ok" if ratio <= target else "MISSED"
-        print(f"{name:<10} {case:<45} {ratio:>9.2f}  <= {target}  {verdict}")
+            if "ratio" in r:
+                rows.append((name, r["case"], r["ratio"], r["target"],
+                             "speedup" if "speedup" in r else "ours/peer"))
+            else:
+                rows.append((name, r["case"], r["slope"], r["target"], "slope"))
+    print(f"\n{'benchmark':<10} {'case':<45} {'figure':>14}  target")
+    for name, case, value, target, kind in rows:
+        if target is None or isinstance(target, str):
+            verdict = ""
+        elif kind == "speedup":
+            verdict = "ok" if value >= target else "MISSED"
+        else:
+            verdict = "ok" if value <= target else "MISSED"
+        shown = f"{kind} {value:.2f}"
+        goal = "" if target is None else (f">= {target}" if kind == "speedup" else
+                                          f"{target}" if isinstance(target, str) else
+                                          f"<= {target}")
+        print(f"{name:<10} {case:<45} {shown:>14}  {goal}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``probe-engine`` command line: build, info, verify, demo."""
+"""The ``probe-engine`` command line: build, solve, info, verify, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 from . import datasets, models
 from .build import build_store
 from .errors import ProbeEngineError
+from .solve import solve
 from .store import open_store
 
 __all__ = ["main"]
@@ -79,6 +80,30 @@ def _build(args) -> int:
     return 0
 
 
+def _l2_arg(values: list[str] | None):
+    if not values or values == ["auto"]:
+        return "auto"
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise SystemExit(f"--l2 {' '.join(values)}: give 'auto' or numbers") from None
+
+
+def _solve(args) -> int:
+    t0 = time.perf_counter()
+    results = solve(
+        args.path, layers=args.layers, label=args.label, solver=args.solver,
+        l2=_l2_arg(args.l2), max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
+        patience=args.patience, lr=args.lr, early_stopping=not args.no_early_stopping,
+        device=args.device, dtype=args.dtype, run=args.run, allow_partial=args.allow_partial,
+        progress=not args.quiet,
+    )
+    print(results)
+    print(f"solved {results.table.layer.nunique()} layers in {time.perf_counter() - t0:.1f} s; "
+          f"probes saved in {args.path} under probes/{args.run}")
+    return 0
+
+
 def _info(args) -> int:
     print(open_store(args.path).summary())
     return 0
@@ -140,29 +165,49 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing store")
     b.add_argument("--no-resume", action="store_true", help="refuse an existing store")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.set_defaults(run=_build)
+    b.set_defaults(func=_build)
+
+    s = sub.add_parser("solve", help="fit a softmax probe on every layer of a store")
+    s.add_argument("path")
+    s.add_argument("--layers", nargs="+", help="layer keys (default: all)")
+    s.add_argument("--label", default="y")
+    s.add_argument("--solver", default="lbfgs", choices=["lbfgs", "sgd"])
+    s.add_argument("--l2", nargs="+", help="'auto' (default) or one or more lambdas")
+    s.add_argument("--max-iter", type=int, default=500)
+    s.add_argument("--tol", type=float, default=1e-4)
+    s.add_argument("--epochs", type=int, default=30, help="sgd")
+    s.add_argument("--patience", type=int, default=5, help="sgd")
+    s.add_argument("--lr", type=float, default=1e-2, help="sgd")
+    s.add_argument("--no-early-stopping", action="store_true", help="sgd")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--run", default="default", help="name under probes/ in the store")
+    s.add_argument("--allow-partial", action="store_true",
+                   help="solve an incomplete store on its committed rows")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_solve)
 
     i = sub.add_parser("info", help="summarise a store")
     i.add_argument("path")
-    i.set_defaults(run=_info)
+    i.set_defaults(func=_info)
 
     v = sub.add_parser("verify", help="check every chunk's checksum; exit 1 on a problem")
     v.add_argument("path")
-    v.set_defaults(run=_verify)
+    v.set_defaults(func=_verify)
 
     d = sub.add_parser("demo", help="capture the paper's MNIST convnet on Fashion-MNIST")
     d.add_argument("--out", default="demo.zarr")
     d.add_argument("--quick", action="store_true", help="2,000 rows per split")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
-    d.set_defaults(run=_demo)
+    d.set_defaults(func=_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.func(args)
     except ProbeEngineError as exc:
         print(f"probe-engine: error: {exc}", file=sys.stderr)
         return 2

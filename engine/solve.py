@@ -62,6 +62,12 @@ def solve(
     l2: str | float | list[float] = "auto",
     max_iter: int = 500,
     tol: float = 1e-4,
+    early_stopping: bool = True,
+    epochs: int = 30,
+    patience: int = 5,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
     run: str = "default",
@@ -76,12 +82,19 @@ def solve(
             numpy, torch or zarr arrays, with ``labels`` an (N,) array or ``{split: array}``.
         layers: layer keys to probe (default: all).
         label: which label array of the store to predict.
-        solver: ``"lbfgs"`` (full batch, features resident on ``device``).
+        solver: ``"lbfgs"`` (full batch, features resident on ``device``: the exact
+            optimum) or ``"sgd"`` (minibatch Adam streaming row blocks from the store in a
+            shuffled order, for data larger than memory, with early stopping).
         l2: lambda, a list of lambdas, or ``"auto"`` (:data:`DEFAULT_L2_GRID`); with more
             than one, every lambda is fitted and the one with the lowest validation top-1
             error (then loss) is kept, which needs a ``"valid"`` split.
         max_iter, tol: L-BFGS stops a probe when ``max |grad| <= tol`` (scikit-learn's
             ``tol`` for lbfgs) or after ``max_iter`` iterations.
+        early_stopping, epochs, patience, lr, batch_size, seed: SGD runs at most ``epochs``
+            passes of minibatches of ``batch_size`` rows with Adam at learning rate ``lr``;
+            with ``early_stopping`` (needs a ``"valid"`` split) a probe stops after
+            ``patience`` epochs without a lower validation top-1 error and keeps its best
+            weights. L-BFGS ignores these: it solves the penalised problem exactly.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         dtype: arithmetic, ``"float32"`` or ``"float64"``; float16 / bfloat16 features are
             upcast block by block.
@@ -92,8 +105,11 @@ def solve(
     Returns:
         :class:`ProbeResults`: ``.table`` has one row per (layer, split).
     """
-    if solver != "lbfgs":
-        raise ValueError(f"solver must be 'lbfgs', not {solver!r}")
+    if solver not in ("lbfgs", "sgd"):
+        raise ValueError(f"solver must be 'lbfgs' or 'sgd', not {solver!r}")
+    if epochs < 1 or patience < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"epochs, patience and batch_size must be >= 1 and lr > 0, got "
+                         f"{epochs}, {patience}, {batch_size}, {lr}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if max_iter < 1 or not tol > 0:
@@ -118,9 +134,17 @@ def solve(
             f"choosing among {len(grid)} l2 values needs a 'valid' split, and there is none "
             f"(splits: {list(data.splits)}); pass one l2 value, e.g. l2=1e-4"
         )
-    config = {"solver": solver, "l2": list(grid), "label": label, "max_iter": max_iter,
-              "tol": tol, "dtype": dtype, "num_classes": data.num_classes,
-              "allow_partial": allow_partial}
+    if solver == "sgd" and early_stopping and "valid" not in data.splits:
+        raise SplitNotFoundError(
+            f"early stopping needs a 'valid' split, and there is none (splits: "
+            f"{list(data.splits)}); pass early_stopping=False to run all {epochs} epochs")
+    config = {"solver": solver, "l2": list(grid), "label": label, "dtype": dtype,
+              "num_classes": data.num_classes, "allow_partial": allow_partial}
+    if solver == "lbfgs":
+        config.update(max_iter=max_iter, tol=tol)
+    else:
+        config.update(early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
+                      batch_size=batch_size, seed=seed)
     done: dict[str, dict] = {}
     if store is not None:
         start_run(store, run, config)
@@ -136,8 +160,12 @@ def solve(
         if store is not None:
             save_layer(store, run, layer, record)
 
-    if todo:
+    if todo and solver == "lbfgs":
         fit.run(todo, on_layer, progress=progress)
+    elif todo:
+        fit.run_sgd(todo, on_layer, epochs=epochs, patience=patience, lr=lr,
+                    batch_size=batch_size, early_stopping=early_stopping, seed=seed,
+                    progress=progress)
     info = {layer: data.info.get(layer, {}) for layer in data.layers}
     return ProbeResults.from_records(
         {layer: finished[layer] for layer in data.layers}, info, config=config,
@@ -441,18 +469,115 @@ class _Fitter:
         pick = "valid" if "valid" in self.data.splits else "train"
         best = min(probes, key=lambda p: (metrics[p.l2][pick]["top1_error"],
                                           metrics[p.l2][pick]["loss"], -p.l2))
+
+        def objective(p: _Probe) -> float:  # the penalised training loss, L_k of the docs
+            w = p.state.x[:-1].double()
+            return metrics[p.l2]["train"]["loss"] + 0.5 * p.l2 * float((w * w).sum())
+
         st = best.state
-        d = st.x.shape[0] - 1
         return {
-            "l2": best.l2, "W": st.x[:d].float().cpu().numpy(),
-            "b": st.x[d].float().cpu().numpy(), "objective": st.f,
+            "l2": best.l2, "W": st.x[:-1].float().cpu().numpy(),
+            "b": st.x[-1].float().cpu().numpy(), "objective": objective(best),
             "iterations": st.iterations, "evaluations": st.evaluations,
             "converged": st.converged, "reason": st.reason, "metrics": metrics[best.l2],
-            "grid": [{"l2": p.l2, "objective": p.state.f, "iterations": p.state.iterations,
+            "grid": [{"l2": p.l2, "objective": objective(p), "iterations": p.state.iterations,
                       "converged": p.state.converged, **{
                           f"{s}_{m}": v for s, ms in metrics[p.l2].items()
                           for m, v in ms.items()}} for p in probes],
         }
+
+    def run_sgd(self, layers: list[str], on_layer, *, epochs: int, patience: int, lr: float,
+                batch_size: int, early_stopping: bool, seed: int, progress: bool) -> None:
+        """Minibatch Adam on every probe at once, streaming the train rows block by block in
+        a shuffled order; after each epoch the validation top-1 error of each probe decides
+        whether its weights are the best so far, and ``patience`` epochs without a better
+        one stop it (the paper's protocol). The best weights are kept."""
+        c, dt, dev = self.C, self.dtype, self.device
+        g_count = len(self.grid)
+        lam = torch.tensor(self.grid, dtype=dt, device=dev).view(1, g_count, 1)
+        groups = {}
+        for layer in layers:
+            d = self.data.dims[layer]
+            theta = torch.zeros(d + 1, g_count, c, dtype=dt, device=dev)
+            groups[layer] = {
+                "theta": theta, "m": torch.zeros_like(theta), "v": torch.zeros_like(theta),
+                "best": theta.clone(), "best_err": [math.inf] * g_count,
+                "bad": [0] * g_count, "stopped": [False] * g_count, "epochs": [0] * g_count}
+        n = self.data.rows("train")
+        y_all = self._y["train"]
+        block = self.data.block_rows
+        blocks = [(r, min(r + block, n)) for r in range(0, n, block)]
+        rng = np.random.default_rng(seed)
+        stop_on = "valid" if early_stopping and "valid" in self.data.splits else None
+        step = 0
+        bar = tqdm(total=epochs, unit="epoch", disable=not progress, desc="solve (sgd)")
+        for epoch in range(epochs):
+            live = [layer for layer in groups if not all(groups[layer]["stopped"])]
+            if not live:
+                break
+            for bi in rng.permutation(len(blocks)):
+                r0, r1 = blocks[bi]
+                perm = torch.from_numpy(rng.permutation(r1 - r0)).to(dev)
+                xs = {layer: self.data.read("train", layer, r0, r1).to(dev)[perm]
+                      for layer in live}
+                yb = y_all[r0:r1][perm]
+                for m0 in range(0, r1 - r0, batch_size):
+                    step += 1
+                    y_mb = yb[m0 : m0 + batch_size]
+                    for layer in live:
+                        grp = groups[layer]
+                        x = xs[layer][m0 : m0 + batch_size].to(dt)
+                        theta, d = grp["theta"], x.shape[1]
+                        w = theta[:d].view(d, g_count * c)
+                        z = torch.addmm(theta[d].view(-1), x, w)
+                        softmax_xent(z.view(-1, g_count, c).transpose(0, 1), y_mb,
+                                     scale=1.0 / len(y_mb))
+                        grad = torch.empty_like(theta)
+                        torch.mm(x.T, z, out=grad[:d].view(d, g_count * c))
+                        grad[d] = z.sum(dim=0).view(g_count, c)
+                        grad[:d].add_(theta[:d] * lam)
+                        frozen = torch.tensor(grp["stopped"], device=dev).view(1, g_count, 1)
+                        grad.masked_fill_(frozen, 0.0)
+                        _adam(theta, grad, grp["m"], grp["v"], lr, step)
+            bar.update(1)
+            for layer in live:
+                grp = groups[layer]
+                probes = [_Probe(layer, l2, LBFGSState(grp["theta"][:, j]))
+                          for j, l2 in enumerate(self.grid)]
+                errs = ([e1 for _, _, e1, _ in self.evaluate(
+                    stop_on, [(p, p.state.x) for p in probes], grad=False)]
+                    if stop_on else [0.0] * g_count)
+                for j in range(g_count):
+                    if grp["stopped"][j]:
+                        continue
+                    grp["epochs"][j] = epoch + 1
+                    if errs[j] < grp["best_err"][j] or not stop_on:
+                        grp["best_err"][j], grp["bad"][j] = errs[j], 0
+                        grp["best"][:, j] = grp["theta"][:, j]
+                    else:
+                        grp["bad"][j] += 1
+                        grp["stopped"][j] = grp["bad"][j] >= patience
+                if all(grp["stopped"]) or epoch == epochs - 1:
+                    finals = []
+                    for j, l2 in enumerate(self.grid):
+                        st = LBFGSState(grp["best"][:, j].clone())
+                        st.iterations, st.converged = grp["epochs"][j], grp["stopped"][j]
+                        st.reason = ("early stopping: no better validation error in "
+                                     f"{patience} epochs" if st.converged else
+                                     "epochs exhausted")
+                        finals.append(_Probe(layer, l2, st))
+                    on_layer(layer, self._record(layer, finals))
+                    grp["stopped"] = [True] * g_count
+        bar.close()
+
+
+def _adam(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float,
+          step: int, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """One Adam step in place (Kingma & Ba, 2015), bias-corrected."""
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -1,0 +1,182 @@
+"""Solve benchmark: the batched solver against what users do today, side by side.
+
+1. ``engine.solve`` (all K probes batched, L-BFGS) vs scikit-learn
+   ``LogisticRegression(solver="lbfgs")`` fitted layer after layer: same features, same
+   lambda (C = 1 / (lambda N)), same stopping rule (max |grad| <= tol), float32 both.
+2. ``engine.solve`` vs a naive torch loop: one ``nn.Linear`` and ``torch.optim.LBFGS``
+   (strong Wolfe, same tolerance) per layer, one after another.
+3. Cost growth: seconds per full pass (loss + gradient of every probe) against the rows N
+   and against the total width sum(D_k); log-log slopes near 1 mean linear cost.
+
+Features: the paper's MNIST convnet (seeded, untrained) at its ten sites on Fashion-MNIST,
+``reduce="auto"``, captured with ``engine.build_store``.
+
+    python -m benchmarks.solve [--quick] [--rows N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import engine
+from engine._lbfgs import LBFGSState
+from engine.datasets import ArrayDataset
+from engine.solve import _DTYPES, _Fitter, _from_store, _Probe
+
+L2 = 1e-4
+TOL = 1e-4
+
+
+def objective(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, lam: float) -> float:
+    """The probe objective in float64 (docs/design.md section 4)."""
+    z = x.astype(np.float64) @ w.astype(np.float64) + b
+    z -= z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    penalty = 0.5 * lam * float((w.astype(np.float64) ** 2).sum())
+    return float(np.mean(lse - z[np.arange(len(y)), y])) + penalty
+
+
+def make_store(path: Path, rows: int) -> engine.Store:
+    torch.manual_seed(0)
+    model = engine.models.mnist_convnet()
+    train = engine.datasets.fashion_mnist("train")
+    sub = ArrayDataset(train.images[:rows], train.targets[:rows], train.classes,
+                       mean=train.mean, std=train.std)
+    return engine.build_store(model, {"train": sub}, path, valid_size=0, progress=False)
+
+
+def sklearn_layers(store, layers) -> tuple[float, dict]:
+    y = store.labels("train")
+    n = len(y)
+    out, t0 = {}, time.perf_counter()
+    for layer in layers:
+        x = store.read("train", layer).astype(np.float32)
+        clf = LogisticRegression(C=1.0 / (L2 * n), tol=TOL, max_iter=10_000).fit(x, y)
+        out[layer] = (clf.coef_.T, clf.intercept_, clf.n_iter_[0])
+    return time.perf_counter() - t0, out
+
+
+def _torch_lbfgs(x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple:
+    lin = torch.nn.Linear(x.shape[1], classes)
+    torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=10_000, tolerance_grad=TOL,
+                            tolerance_change=1e-12, history_size=10,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x), y)
+        loss = loss + 0.5 * L2 * (lin.weight**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (lin.weight.detach().T.numpy(), lin.bias.detach().numpy(),
+            opt.state[opt._params[0]]["n_iter"])
+
+
+def torch_loop(store, layers) -> tuple[float, dict]:
+    """What a user writes: per layer, nn.Linear + torch.optim.LBFGS on the full batch."""
+    y = torch.from_numpy(store.labels("train"))
+    out, t0 = {}, time.perf_counter()
+    for layer in layers:
+        x = torch.from_numpy(store.read("train", layer)).float()
+        out[layer] = _torch_lbfgs(x, y, int(y.max()) + 1)
+    return time.perf_counter() - t0, out
+
+
+def pass_seconds(store, layers, rows: int | None = None, repeats: int = 3) -> float:
+    """Median seconds of one loss + gradient pass over every probe of ``layers``."""
+    data = _from_store(store, layers, "y", False)
+    if rows is not None:
+        data.labels = {"train": data.labels["train"][:rows]}
+        reader = data.reader
+        data.reader = lambda s, layer, a, b: reader(s, layer, a, min(b, rows))
+    fit = _Fitter(data, torch.device("cpu"), _DTYPES["float32"], (L2,), 1, TOL)
+    probes = [_Probe(layer, L2, LBFGSState(torch.randn(data.dims[layer] + 1, data.num_classes)
+                                           * 0.01)) for layer in layers]
+    req = [(p, p.state.x) for p in probes]
+    fit.evaluate("train", req, grad=True)  # loads the features, warms up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit.evaluate("train", req, grad=True)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def slope(xs, ts) -> float:
+    return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", type=int, help="train rows (default 10,000; quick 2,000)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows = args.rows or (2000 if args.quick else 10_000)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="probe-engine-solve-") as tmp:
+        store = make_store(Path(tmp) / "s.zarr", rows)
+        layers = store.layers
+        y = store.labels("train")
+        t0 = time.perf_counter()
+        ours = engine.solve(store, l2=L2, tol=TOL, run="bench", device=args.device,
+                            progress=False)
+        t_ours = time.perf_counter() - t0
+        t_sk, sk = sklearn_layers(store, layers)
+        t_torch, naive = torch_loop(store, layers)
+        gap = {}
+        for layer in layers:
+            x = store.read("train", layer)
+            w, b = ours.weights[layer]
+            f_ours = objective(w, b, x, y, L2)
+            f_sk = objective(*sk[layer][:2], x, y, L2)
+            f_t = objective(*naive[layer][:2], x, y, L2)
+            gap[layer] = {"ours": f_ours, "sklearn": f_sk, "torch_loop": f_t,
+                          "sklearn_iters": int(sk[layer][2]), "torch_iters": int(naive[layer][2])}
+        sum_d = sum(store.layer_info(layer)["dim"] for layer in layers)
+        results.append({"case": f"batched vs sklearn, {len(layers)} layers", "rows": len(y),
+                        "sum_D": sum_d, "ours_s": round(t_ours, 2), "peer_s": round(t_sk, 2),
+                        "speedup": round(t_sk / t_ours, 2), "target": 3.0})
+        results.append({"case": f"batched vs torch loop, {len(layers)} layers",
+                        "rows": len(y), "sum_D": sum_d, "ours_s": round(t_ours, 2),
+                        "peer_s": round(t_torch, 2), "speedup": round(t_torch / t_ours, 2),
+                        "target": None})
+        ns = [rows // 8, rows // 4, rows // 2, rows]
+        tn = [pass_seconds(store, layers, n) for n in ns]
+        by_width = sorted(layers, key=lambda layer: store.layer_info(layer)["dim"])
+        subsets = [by_width[:k] for k in (4, 6, 8, 10)]
+        ds = [sum(store.layer_info(layer)["dim"] for layer in sub) for sub in subsets]
+        td = [pass_seconds(store, sub) for sub in subsets]
+        results.append({"case": "pass time vs rows", "x": ns, "seconds": tn,
+                        "slope": round(slope(ns, tn), 2), "target": "about 1"})
+        results.append({"case": "pass time vs sum(D)", "x": ds, "seconds": td,
+                        "slope": round(slope(ds, td), 2), "target": "about 1"})
+        for r in results:
+            print({k: v for k, v in r.items()}, flush=True)
+        print("objectives per layer (ours / sklearn / torch loop):")
+        for layer, g in gap.items():
+            print(f"  {layer:<16} {g['ours']:.6f} {g['sklearn']:.6f} {g['torch_loop']:.6f}  "
+                  f"iterations: sklearn {g['sklearn_iters']}, torch {g['torch_iters']}")
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows,
+              "l2": L2, "tol": TOL, "results": results, "objectives": gap}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    for r in results:  # for python -m benchmarks
+        r.setdefault("ratio", r.get("speedup"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
