@@ -16,6 +16,7 @@ passes. Loss and gradient come from the softmax-cross-entropy kernel seam
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 import warnings
@@ -152,6 +153,10 @@ def solve(
     todo = [layer for layer in data.layers if layer not in done]
 
     fit = _Fitter(data, dev, _DTYPES[dtype], grid, max_iter, tol)
+    for split in data.splits:  # load and check now, not after hours of fitting
+        if split != "train" or solver == "lbfgs":  # sgd streams train
+            for layer in todo:
+                fit.features(split, layer)
     finished: dict[str, dict] = dict(done)
 
     def on_layer(layer: str, record: dict) -> None:
@@ -179,8 +184,8 @@ def _grid(l2) -> tuple[float, ...]:
         if l2 != "auto":
             raise ValueError(f"l2 must be 'auto', a number or a list of numbers, not {l2!r}")
         return DEFAULT_L2_GRID
-    values = [l2] if isinstance(l2, (int, float)) else list(l2)
-    if not values or not all(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)
+    values = [l2] if isinstance(l2, numbers.Real) else list(l2)
+    if not values or not all(isinstance(v, numbers.Real) and v >= 0 and math.isfinite(v)
                              for v in values):
         raise ValueError(f"l2 values must be finite and >= 0, got {l2!r}")
     return tuple(float(v) for v in sorted(set(values)))
@@ -259,7 +264,8 @@ def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu()
-    return torch.from_numpy(np.ascontiguousarray(x[:] if hasattr(x, "chunks") else x))
+    a = np.ascontiguousarray(x[:] if hasattr(x, "chunks") else x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # e.g. np.load(mmap_mode="r")
 
 
 def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
@@ -303,9 +309,10 @@ def _checked(reader, dims, labels, layers, info, num_classes, block_rows) -> _Da
             raise DataError(f"labels of split {split!r} must be (N,) integers, got "
                             f"{y.dtype} of shape {tuple(y.shape)}")
         labels[split] = y.to(torch.int64)
+    for split, y in labels.items():
+        if y.numel() == 0:
+            raise DataError(f"split {split!r} has no rows; give it some or leave it out")
     y_train = labels["train"]
-    if y_train.numel() == 0:
-        raise DataError("the train split has no rows")
     top = max(int(y.max()) for y in labels.values() if y.numel())
     c = int(num_classes) if num_classes else top + 1
     for split, y in labels.items():
@@ -420,6 +427,7 @@ class _Fitter:
                 dtype=self.dtype, device=self.device)))
             for layer in layers for l2 in self.grid
         ]
+
         for p, (f, g, _, _) in zip(probes, self.evaluate(
                 "train", [(p, p.state.x) for p in probes], grad=True), strict=True):
             p.state.f, p.state.g = f, g

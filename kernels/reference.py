@@ -22,14 +22,16 @@ def softmax_xent(
     """One pass over the logits of K probes sharing their labels.
 
     Args:
-        logits: (K, B, C) float32 (any strides; float16 / bfloat16 are read in float32).
+        logits: (K, B, C) float32 or float64 (any strides; float16 / bfloat16 are read in
+            float32).
             With ``grad=True`` it is overwritten with the gradient, which is also returned.
         labels: (B,) int64 class indices in [0, C); rows labelled ``ignore_index`` count for
             nothing (no loss, no hit, zero gradient).
         scale: the gradient is ``(softmax(logits) - onehot(labels)) * scale``.
 
     Returns:
-        ``(grad or None, loss_sum (K,) float32, top1_hits (K,) int64, top5_hits (K,) int64)``:
+        ``(grad or None, loss_sum (K,), top1_hits (K,) int64, top5_hits (K,) int64)``, the
+        loss in the arithmetic dtype:
         the summed cross-entropy (natural log) and hit counts over the counted rows. With
         C <= 5 every counted row is a top-5 hit.
     """
@@ -38,7 +40,8 @@ def softmax_xent(
     k, b, c = logits.shape
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},), got {tuple(labels.shape)}")
-    z = logits.float()
+    # float32 and float64 are kept as they are; half precisions are read in float32
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     keep = labels != ignore_index
     y = torch.where(keep, labels, 0)
     m = z.amax(dim=2, keepdim=True)

@@ -92,3 +92,18 @@ def test_imagefolder_data(tmp_path):
     assert set(data) == {"train", "valid"}
     x, y = data["valid"][4]
     assert x.shape == (3, 32, 32) and y == 1
+
+
+def test_solve_prints_the_table_and_saves_probes(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    assert cli.main(["build", str(path), "--limit", "400", "--layers", "conv2_postpool",
+                     "logits", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["solve", str(path), "--l2", "1e-3", "--quiet", "--run", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert "top1_error" in out and "conv2_postpool" in out and "probes/r1" in out
+    results = engine.open_store(path).results("r1")
+    assert set(results.table.layer) == {"conv2_postpool", "logits"}
+    assert cli.main(["solve", str(path), "--solver", "sgd", "--epochs", "2", "--quiet",
+                     "--run", "r2", "--l2", "1e-3"]) == 0
+    assert engine.open_store(path).results("r2").config["solver"] == "sgd"

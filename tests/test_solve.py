@@ -1,0 +1,727 @@
+"""engine.solve: the optimum against scikit-learn, batching, the gradient, lambda selection,
+results in the store, resume, and bad input.
+
+The objective of one probe (docs/design.md, section 4)::
+
+    L(W, b) = (1/N) sum_i CE(softmax(X_i W + b), y_i) + (lambda / 2) ||W||_F^2
+
+is scikit-learn's ``LogisticRegression(C=1/(lambda N))`` for more than two classes. With two,
+scikit-learn fits one weight vector w (binomial); at our optimum W[:, 0] = -W[:, 1], so
+w = W[:, 1] - W[:, 0] and our penalty (lambda/2)(|w0|^2 + |w1|^2) is (lambda/4)|w|^2: our
+minimum is scikit-learn's binomial minimum at C = 1/((lambda/2) N).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+import engine
+
+solve_mod = importlib.import_module("engine.solve")  # the module, not the function
+
+COLUMNS = ["layer", "split", "site", "dim", "reduction", "l2", "iterations", "converged",
+           "loss", "top1_error", "top5_error", "seconds"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: one thread each for torch and BLAS keeps them fast and
+    steady on a busy two-core machine (spinning thread pools lose badly when oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def solve(source, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("device", "cpu")
+    return engine.solve(source, **kw)
+
+
+def blobs(n: int, d: int, c: int, *, seed: int, noise: float = 1.0, dtype=np.float32):
+    """Every class present (n >= c), in random order; Gaussian clusters around random means."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % c)
+    centres = rng.normal(size=(c, d))
+    x = centres[y] + noise * rng.normal(size=(n, d))
+    return x.astype(dtype), y
+
+
+def objective(x, y, w, b, lam: float) -> float:
+    """Our per-probe objective in float64."""
+    x, w, b = (np.asarray(a, dtype=np.float64) for a in (x, w, b))
+    z = x @ w + b
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(len(y)), y]) + 0.5 * lam * np.sum(w * w))
+
+
+def sklearn_fit(x, y, c_inverse: float) -> LogisticRegression:
+    clf = LogisticRegression(C=c_inverse, solver="lbfgs", tol=1e-10, max_iter=10000)
+    return clf.fit(np.asarray(x, dtype=np.float64), y)
+
+
+def assert_matches_sklearn(x, y, w, b, lam: float) -> None:
+    """Objective within 1e-5 relative of scikit-learn's optimum, and the same predictions."""
+    assert len(np.unique(y)) > 2
+    clf = sklearn_fit(x, y, 1.0 / (lam * len(y)))
+    ref = objective(x, y, clf.coef_.T, clf.intercept_, lam)
+    ours = objective(x, y, w, b, lam)
+    assert abs(ours - ref) <= 1e-5 * abs(ref), (ours, ref)
+    pred = (np.asarray(x, dtype=np.float64) @ w.astype(np.float64) + b).argmax(axis=1)
+    agree = np.mean(clf.classes_[pred] == clf.predict(np.asarray(x, dtype=np.float64)))
+    assert agree >= 0.999, agree
+
+
+def files_outside_probes(path) -> dict:
+    """relative path -> (mtime, size, digest) of every file of the store but probes/."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if rel.split(os.sep)[0] == "probes":
+                continue
+            st = os.stat(full)
+            with open(full, "rb") as f:
+                out[rel] = (st.st_mtime_ns, st.st_size, hashlib.sha1(f.read()).hexdigest())
+    return out
+
+
+def without_seconds(table: pd.DataFrame) -> pd.DataFrame:
+    return table.drop(columns=["seconds"]).reset_index(drop=True)
+
+
+# -- a small real store ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_store(tmp_path_factory, fashion):
+    """float16 features of a tiny MLP on 800 Fashion-MNIST rows: layers "1" (linear, 20),
+    "2" (ReLU, 20), "3" (linear, 10); splits train 540 / valid 60 / test 200; labels "y"
+    (10 classes) and "coarse" (y // 3: 4 classes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.ReLU(), nn.Linear(20, 10))
+    return engine.build_store(model, fashion, tmp_path_factory.mktemp("base") / "s.zarr",
+                              layers=["1", "2", "3"], dtype="float16",
+                              labels={"coarse": lambda y: y // 3}, progress=False)
+
+
+@pytest.fixture
+def store(base_store, tmp_path):
+    """A fresh copy of the base store (solves write probes/ into it)."""
+    path = tmp_path / "s.zarr"
+    shutil.copytree(base_store.path, path)
+    return engine.open_store(path)
+
+
+def test_base_store_is_what_the_tests_assume(base_store):
+    assert base_store.layers == ["1", "2", "3"]
+    assert base_store.splits == ["train", "valid", "test"]
+    assert base_store.dtype == "float16" and base_store.complete
+    assert base_store.num_classes() == 10
+    assert len(np.unique(base_store.labels("train"))) == 10
+
+
+# -- 1. the optimum is scikit-learn's ------------------------------------------------------
+@pytest.mark.parametrize(("n", "d", "c", "lam", "noise"), [
+    (1500, 24, 7, 1e-3, 1.5),
+    (800, 50, 10, 1e-2, 2.0),
+])
+def test_multiclass_matches_sklearn(n, d, c, lam, noise):
+    x, y = blobs(n, d, c, seed=c, noise=noise)
+    res = solve({"a": x}, labels=y, l2=lam, tol=1e-6)  # float32 arithmetic suffices
+    w, b = res.weights["a"]
+    assert w.shape == (d, c) and b.shape == (c,)
+    assert w.dtype == np.float32 and b.dtype == np.float32
+    assert res.table.converged.all()
+    assert_matches_sklearn(x, y, w, b, lam)
+
+
+def test_two_classes_match_sklearn_binomial_at_half_lambda():
+    x, y = blobs(1200, 12, 2, seed=2, noise=2.0)
+    lam, n, d = 1e-2, len(y), x.shape[1]
+    x64 = x.astype(np.float64)
+    res = solve({"a": x}, labels=y, l2=lam, tol=1e-6)
+    w, b = res.weights["a"]
+    ours = objective(x, y, w, b, lam)
+
+    clf = sklearn_fit(x, y, 1.0 / ((lam / 2) * n))
+    v, c0 = clf.coef_[0], clf.intercept_[0]
+    assert clf.coef_.shape == (1, d)  # binomial: one weight vector
+    s = 2.0 * y - 1.0
+    binomial = float(np.mean(np.logaddexp(0.0, -s * (x64 @ v + c0))) + lam / 4 * v @ v)
+    # the same point in our parametrisation has exactly that objective ...
+    mapped = objective(x, y, np.stack([-v / 2, v / 2], axis=1), np.array([-c0 / 2, c0 / 2]), lam)
+    assert mapped == pytest.approx(binomial, rel=1e-12)
+    # ... and an independent float64 minimisation of our softmax objective reaches it too
+    xt, yt = torch.from_numpy(x64), torch.from_numpy(y)
+    theta = torch.zeros(d + 1, 2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=1000, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = (F.cross_entropy(xt @ theta[:d] + theta[d], yt)
+             + lam / 2 * (theta[:d] ** 2).sum())
+        f.backward()
+        return f
+
+    opt.step(closure)
+    reference = objective(x, y, theta[:d].detach().numpy(), theta[d].detach().numpy(), lam)
+    assert reference == pytest.approx(binomial, rel=1e-9)
+
+    assert abs(ours - binomial) <= 1e-5 * binomial, (ours, binomial)
+    # the optimum is antisymmetric, and its difference is scikit-learn's w
+    np.testing.assert_allclose(w.sum(axis=1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(w[:, 1] - w[:, 0], v, rtol=1e-3, atol=1e-3)
+    pred_ours = (x64 @ w.astype(np.float64) + b).argmax(axis=1)
+    pred_sklearn = (x64 @ v + c0 > 0).astype(int)
+    assert np.mean(pred_ours == pred_sklearn) >= 0.999
+
+
+def test_a_thousand_classes_match_sklearn():
+    x, y = blobs(2000, 8, 1000, seed=0, noise=0.3)
+    assert len(np.unique(y)) == 1000  # scikit-learn sees the same 1000 classes
+    lam = 1e-3
+    res = solve({"a": x}, labels=y, l2=lam, tol=1e-6)
+    w, b = res.weights["a"]
+    assert w.shape == (8, 1000)
+    assert_matches_sklearn(x, y, w, b, lam)
+
+
+def test_float16_store_matches_sklearn(store):
+    lam = 1e-3
+    res = solve(store, layers=["1"], l2=lam, tol=1e-6)
+    x = store.read("train", "1")
+    assert x.dtype == np.float16
+    w, b = res.weights["1"]
+    assert_matches_sklearn(x.astype(np.float64), store.labels("train"), w, b, lam)
+
+
+# -- 2. batching -------------------------------------------------------------------------
+def test_layers_solved_together_equal_layers_solved_alone():
+    rng = np.random.default_rng(5)
+    y = rng.permutation(np.arange(600) % 6)
+    xs = {name: (rng.normal(size=(6, d))[y] + rng.normal(size=(600, d))).astype(np.float32)
+          for name, d in (("a", 5), ("b", 17), ("c", 30))}
+    lam = 1e-2
+    together = solve(xs, labels=y, l2=lam, tol=1e-6)
+    assert list(together.weights) == ["a", "b", "c"]
+    for name, x in xs.items():
+        alone = solve({name: x}, labels=y, l2=lam, tol=1e-6)
+        (w1, b1), (w2, b2) = together.weights[name], alone.weights[name]
+        np.testing.assert_allclose(w1, w2, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(b1, b2, rtol=1e-3, atol=1e-5)
+        f1, f2 = objective(x, y, w1, b1, lam), objective(x, y, w2, b2, lam)
+        assert f1 == pytest.approx(f2, rel=1e-6)
+
+
+# -- 3. the gradient ---------------------------------------------------------------------
+@pytest.fixture
+def fitter(monkeypatch):
+    """Runs a float64 solve on two layers and returns its ``_Fitter`` (captured from
+    ``_Fitter.run``), with features, labels and a block size of 256 rows."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 7, size=700)
+    feats = {"a": rng.normal(size=(700, 6)), "b": rng.normal(size=(700, 11)).astype(np.float32)}
+    monkeypatch.setattr(solve_mod, "_BLOCK_BYTES", 1)  # 256-row blocks: 3 of them
+    captured = {}
+    real_run = solve_mod._Fitter.run
+
+    def run(self, layers, *args, **kw):
+        captured["fit"] = self
+        return real_run(self, layers, *args, **kw)
+
+    monkeypatch.setattr(solve_mod._Fitter, "run", run)
+    solve(feats, labels=y, l2=0.1, dtype="float64", max_iter=2)
+    return captured["fit"], feats, y
+
+
+def _autograd_objective(x, y, theta, lam):
+    d = x.shape[1]
+    z = x @ theta[:d] + theta[d]
+    return F.cross_entropy(z, y) + lam / 2 * (theta[:d] ** 2).sum(), z
+
+
+def test_solver_gradient_equals_autograd(fitter):
+    fit, feats, y = fitter
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for layer, lam in (("a", 0.1), ("b", 0.0), ("a", 3.0), ("b", 1e-3)):
+        d = feats[layer].shape[1]
+        theta = torch.randn(d + 1, 7, dtype=torch.float64, generator=gen)
+        requests.append((types.SimpleNamespace(layer=layer, l2=lam), theta))
+    out = fit.evaluate("train", requests, grad=True)
+    yt = torch.from_numpy(y)
+    for (probe, theta), (f, g, top1, top5) in zip(requests, out, strict=True):
+        x = torch.from_numpy(feats[probe.layer]).double()
+        t = theta.clone().requires_grad_()
+        loss, z = _autograd_objective(x, yt, t, probe.l2)
+        loss.backward()
+        assert g.dtype == torch.float64 and g.shape == theta.shape
+        assert f == pytest.approx(loss.item(), rel=1e-12)
+        torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-12)  # float64 end to end
+        z = z.detach()
+        assert top1 == pytest.approx(float((z.argmax(1) != yt).double().mean()))
+        in5 = (z.topk(5, dim=1).indices == yt[:, None]).any(dim=1)
+        assert top5 == pytest.approx(float((~in5).double().mean()))
+    # without grad: the plain mean cross-entropy (no penalty), no gradient
+    probe, theta = requests[2]
+    (f, g, _, _), = fit.evaluate("train", [(probe, theta)], grad=False)
+    x = torch.from_numpy(feats[probe.layer]).double()
+    assert g is None
+    assert f == pytest.approx(float(_autograd_objective(x, yt, theta, 0.0)[0]), rel=1e-12)
+
+
+class _ProbeObjective(torch.autograd.Function):
+    """Our objective of (W; b), forward in float64 torch, backward through softmax_xent's
+    gradient with respect to the logits (X^T dZ + lambda W, sum dZ)."""
+
+    @staticmethod
+    def forward(ctx, theta, x, y, lam):
+        ctx.save_for_backward(theta, x, y)
+        ctx.lam = lam
+        return _autograd_objective(x, y, theta, lam)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from kernels.reference import softmax_xent
+
+        theta, x, y = ctx.saved_tensors
+        d, n = x.shape[1], x.shape[0]
+        z = (x @ theta[:d] + theta[d]).unsqueeze(0)
+        dz = softmax_xent(z, y, scale=float(grad_out) / n)[0][0]
+        g = torch.cat([x.T @ dz + ctx.lam * float(grad_out) * theta[:d], dz.sum(0, keepdim=True)])
+        return g, None, None, None
+
+
+def test_objective_gradient_passes_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 5, (40,), generator=gen)
+    theta = torch.randn(5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _ProbeObjective.apply(t, x, y, 0.3), (theta,))
+
+
+# -- 4. choosing lambda ------------------------------------------------------------------
+def _two_split_problem(seed=7):
+    x, y = blobs(500, 10, 5, seed=seed, noise=3.0)
+    rng = np.random.default_rng(seed)
+    x2 = (x @ rng.normal(size=(10, 6))).astype(np.float32)  # a second layer
+    feats = {"train": {"a": x[:350], "b": x2[:350]}, "valid": {"a": x[350:], "b": x2[350:]}}
+    labels = {"train": y[:350], "valid": y[350:]}
+    return feats, labels
+
+
+def test_lambda_list_picks_the_lowest_validation_error():
+    feats, labels = _two_split_problem()
+    grid = [1e-4, 1e-2, 1.0]
+    res = solve(feats, labels=labels, l2=grid, tol=1e-6)
+    assert {"layer", "l2", "objective", "valid_top1_error", "valid_loss"} <= set(res.grid.columns)
+    assert len(res.grid) == 2 * len(grid)
+    for layer in ("a", "b"):
+        g = res.grid[res.grid.layer == layer]
+        assert sorted(g.l2) == grid
+        # lowest valid top-1 error, then lowest valid loss, then the larger lambda
+        best = min(g.itertuples(), key=lambda r: (r.valid_top1_error, r.valid_loss, -r.l2))
+        rows = res.table[res.table.layer == layer]
+        assert set(rows.l2) == {best.l2}
+        valid = rows[rows.split == "valid"].iloc[0]
+        assert valid.top1_error == best.valid_top1_error and valid.loss == best.valid_loss
+        # the kept weights are that lambda's: their validation error is the table's
+        w, b = res.weights[layer]
+        xv = feats["valid"][layer].astype(np.float64)
+        err = np.mean((xv @ w + b).argmax(1) != labels["valid"])
+        assert err == pytest.approx(valid.top1_error, abs=1.5 / len(xv))
+        # every lambda of the grid is the optimum a single-lambda solve finds
+        xt, yt = feats["train"][layer], labels["train"]
+        for r in g.itertuples():
+            alone = solve({layer: xt}, labels=yt, l2=r.l2, tol=1e-6)
+            assert r.objective == pytest.approx(
+                objective(xt, yt, *alone.weights[layer], r.l2), rel=1e-5)
+
+
+def test_auto_lambda_uses_the_default_grid():
+    feats, labels = _two_split_problem(seed=8)
+    res = solve({s: {"a": f["a"]} for s, f in feats.items()}, labels=labels, tol=1e-5)
+    assert res.config["l2"] == list(solve_mod.DEFAULT_L2_GRID)
+    assert sorted(res.grid.l2) == sorted(solve_mod.DEFAULT_L2_GRID)
+    g = res.grid
+    best = min(g.itertuples(), key=lambda r: (r.valid_top1_error, r.valid_loss, -r.l2))
+    assert set(res.table.l2) == {best.l2}
+
+
+def test_several_lambdas_need_a_valid_split():
+    x, y = blobs(200, 4, 3, seed=0)
+    for l2 in ("auto", [1e-3, 1e-2]):
+        with pytest.raises(engine.SplitNotFoundError, match="'valid' split") as e:
+            solve({"a": x}, labels=y, l2=l2)
+        assert isinstance(e.value, KeyError)
+    res = solve({"a": x}, labels=y, l2=[1e-2])  # one lambda: no choice to make
+    assert list(res.table.split) == ["train"]
+
+
+# -- 5. results --------------------------------------------------------------------------
+def _metrics(x, y, w, b):
+    z = torch.from_numpy(x.astype(np.float64) @ w.astype(np.float64) + b)
+    yt = torch.from_numpy(y)
+    loss = float(F.cross_entropy(z, yt))
+    top1 = float((z.argmax(1) != yt).double().mean())
+    top5 = float((~(z.topk(5, dim=1).indices == yt[:, None]).any(1)).double().mean())
+    return loss, top1, top5
+
+
+def test_results_table_weights_and_store_layout(store):
+    res = solve(store, l2=1e-3, tol=1e-5)
+    t = res.table
+    assert list(t.columns) == COLUMNS
+    assert list(zip(t.layer, t.split, strict=True)) == [
+        (layer, split) for layer in store.layers for split in store.splits]
+    assert list(t.dim) == [20] * 6 + [10] * 3
+    assert set(t.site) == {"output"} and set(t.l2) == {1e-3}
+    assert t.top5_error.notna().all()  # 10 classes
+    for row in t.itertuples():
+        w, b = res.weights[row.layer]
+        x, y = store.read(row.split, row.layer), store.labels(row.split)
+        loss, top1, top5 = _metrics(x, y, w, b)
+        assert row.loss == pytest.approx(loss, rel=1e-5)
+        assert row.top1_error == pytest.approx(top1, abs=1.5 / len(y))
+        assert row.top5_error == pytest.approx(top5, abs=1.5 / len(y))
+    assert res.error("test").index.tolist() == store.layers
+
+    # saved: float32 zarr arrays and JSON attributes, readable with plain zarr
+    root = zarr.open_group(store.path, mode="r")
+    for layer in store.layers:
+        w, b = res.weights[layer]
+        for name, want in (("W", w), ("b", b)):
+            arr = root[f"probes/default/{layer}/{name}"]
+            assert arr.dtype == np.float32 and arr.shape == want.shape
+            np.testing.assert_array_equal(arr[:], want)
+    probes = os.path.join(store.path, "probes")
+    for dirpath, _, names in os.walk(probes):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            if name == "zarr.json":
+                with open(full) as f:
+                    json.load(f)  # plain JSON
+            else:  # nothing but chunks of W and b
+                rel = os.path.relpath(full, probes).split(os.sep)
+                assert rel[2] in ("W", "b") and rel[3] == "c", rel
+    with open(os.path.join(probes, "default", "1", "zarr.json")) as f:
+        attrs = json.load(f)["attributes"]["probe_engine"]
+    assert attrs["l2"] == 1e-3 and attrs["complete"] is True
+    assert set(attrs["metrics"]) == set(store.splits)
+
+    # read back: store.results() and load_results(path) give the same table and weights
+    for back in (store.results(), engine.load_results(store.path),
+                 engine.open_store(store.path).results("default")):
+        pd.testing.assert_frame_equal(without_seconds(back.table), without_seconds(t))
+        assert list(back.weights) == list(res.weights)
+        for layer, (w, b) in res.weights.items():
+            np.testing.assert_array_equal(back.weights[layer][0], w)
+            np.testing.assert_array_equal(back.weights[layer][1], b)
+        assert back.run == "default"
+
+    with pytest.raises(engine.RunNotFoundError, match=r"\['default'\]") as e:
+        store.results("nope")
+    assert isinstance(e.value, KeyError)
+    with pytest.raises(KeyError):
+        engine.load_results(store.path, run="nope")
+
+
+def test_top5_is_nan_up_to_five_classes_and_survives_the_store(store):
+    res = solve(store, label="coarse", layers=["3"], l2=1e-3, tol=1e-5)
+    assert res.config["num_classes"] == 4
+    assert res.table.top5_error.isna().all()
+    assert res.grid.filter(like="top5").isna().all().all()
+    assert res.table.top1_error.notna().all()
+    back = store.results()
+    assert back.table.top5_error.isna().all()
+    pd.testing.assert_frame_equal(without_seconds(back.table), without_seconds(res.table))
+    x, _ = blobs(120, 3, 5, seed=1)
+    five = solve({"a": x}, labels=np.arange(120) % 5, l2=1e-2)
+    assert five.table.top5_error.isna().all()
+    six = solve({"a": x}, labels=np.arange(120) % 6, l2=1e-2)
+    assert six.table.top5_error.notna().all()
+
+
+# -- 6. resume ---------------------------------------------------------------------------
+def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(store, base_store, tmp_path,
+                                                                 monkeypatch):
+    kw = dict(l2=1e-3, tol=1e-5)
+    other = tmp_path / "other.zarr"
+    shutil.copytree(base_store.path, other)
+    full = solve(engine.open_store(other), **kw)
+
+    real_save = solve_mod.save_layer
+    saved: list[str] = []
+
+    def interrupted_save(st, run, layer, record):
+        if len(saved) == 2:  # killed in the middle of the third layer's save
+            g = zarr.open_group(st.path, mode="r+").require_group(f"probes/{run}/{layer}")
+            g.create_array("W", shape=record["W"].shape, dtype="float32")
+            raise KeyboardInterrupt
+        real_save(st, run, layer, record)
+        saved.append(layer)
+
+    monkeypatch.setattr(solve_mod, "save_layer", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        solve(store, **kw)
+    assert len(saved) == 2
+    monkeypatch.setattr(solve_mod, "save_layer", real_save)
+
+    solved: list[list[str]] = []
+    real_run = solve_mod._Fitter.run
+
+    def counting_run(self, layers, *args, **kwargs):
+        solved.append(list(layers))
+        return real_run(self, layers, *args, **kwargs)
+
+    monkeypatch.setattr(solve_mod._Fitter, "run", counting_run)
+    again = solve(store, **kw)
+    assert solved == [[layer for layer in store.layers if layer not in saved]]
+    pd.testing.assert_frame_equal(without_seconds(again.table), without_seconds(full.table))
+    for layer, (w, b) in full.weights.items():
+        np.testing.assert_allclose(again.weights[layer][0], w, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(again.weights[layer][1], b, rtol=1e-6, atol=1e-7)
+    pd.testing.assert_frame_equal(without_seconds(store.results().table),
+                                  without_seconds(full.table))
+
+    solve(store, **kw)  # everything saved: nothing to solve
+    assert len(solved) == 1
+
+    before = files_outside_probes(store.path)
+    with pytest.raises(engine.StoreMismatchError, match="another run="):
+        solve(store, l2=1e-2, tol=1e-5)
+    with pytest.raises(engine.StoreMismatchError):
+        solve(store, l2=1e-3, tol=1e-6)
+    assert files_outside_probes(store.path) == before
+    other_run = solve(store, l2=1e-2, tol=1e-5, run="strong", layers=["3"])
+    assert set(other_run.table.l2) == {1e-2}
+    assert set(store.results("strong").table.layer) == {"3"}
+    assert set(store.results().table.l2) == {1e-3}  # the first run is untouched
+
+
+# -- 7. bad input ------------------------------------------------------------------------
+def test_one_class_in_train_is_refused():
+    x, _ = blobs(50, 3, 2, seed=0)
+    with pytest.raises(engine.DataError, match="one class"):
+        solve({"a": x}, labels=np.full(50, 3), l2=1e-2)
+
+
+def test_class_unseen_in_train_warns_and_counts_as_errors():
+    x, y = blobs(300, 4, 3, seed=4, noise=0.5)
+    yv = y[200:].copy()
+    yv[::10] = 3  # a class train never has
+    with pytest.warns(engine.ProbeEngineWarning, match=r"never seen in train: \[3\]"):
+        res = solve({"train": {"a": x[:200]}, "valid": {"a": x[200:]}},
+                    labels={"train": y[:200], "valid": yv}, l2=1e-2, max_iter=100)
+    w, b = res.weights["a"]
+    pred = (x[200:].astype(np.float64) @ w + b).argmax(1)
+    assert not (pred[::10] == 3).any()
+    valid = res.table[res.table.split == "valid"].iloc[0]
+    assert valid.top1_error >= 0.1 - 1e-12  # at least the unseen-class rows
+    assert valid.top1_error == pytest.approx(np.mean(pred != yv), abs=1.5 / len(yv))
+
+
+def test_non_finite_features_name_layer_split_and_row():
+    x, y = blobs(100, 4, 3, seed=0)
+    bad = x.copy()
+    bad[37, 2] = np.nan
+    with pytest.raises(engine.NonFiniteError, match=r"layer 'b', split 'train', row 37"):
+        solve({"a": x, "b": bad}, labels=y, l2=1e-2)
+    bad[37, 2] = np.inf
+    with pytest.raises(engine.NonFiniteError, match=r"layer 'a', split 'valid', row 37"):
+        solve({"train": {"a": x}, "valid": {"a": bad}}, labels={"train": y, "valid": y},
+              l2=1e-2)
+
+
+def test_bad_labels_are_data_errors():
+    x, y = blobs(100, 4, 3, seed=0)
+    neg = y.copy()
+    neg[41] = -1
+    with pytest.raises(engine.DataError, match=r"split 'valid', row 41"):
+        solve({"train": {"a": x}, "valid": {"a": x}}, labels={"train": y, "valid": neg},
+              l2=1e-2)
+    with pytest.raises(engine.DataError, match=r"split 'train', row 41"):
+        solve({"a": x}, labels=neg, l2=1e-2)
+    with pytest.raises(engine.DataError, match="integers"):
+        solve({"a": x}, labels=y.astype(np.float32), l2=1e-2)
+    with pytest.raises(engine.DataError, match="do not match"):
+        solve({"a": x}, labels=y[:99], l2=1e-2)
+    with pytest.raises(engine.DataError, match="do not match"):
+        solve({"train": {"a": x}, "valid": {"a": x[:50]}}, labels={"train": y, "valid": y},
+              l2=1e-2)
+    with pytest.raises(engine.DataError):
+        solve({"a": x}, labels={"train": y, "valid": y}, l2=1e-2)
+    with pytest.raises(engine.LayerNotFoundError):
+        solve({"train": {"a": x, "b": x}, "valid": {"a": x}}, labels={"train": y, "valid": y},
+              l2=1e-2)
+
+
+def test_bad_arguments_are_value_errors():
+    x, y = blobs(100, 4, 3, seed=0)
+    missing = f"cuda:{max(7, torch.cuda.device_count())}"
+    with pytest.raises(ValueError, match="does not exist"):
+        solve({"a": x}, labels=y, l2=1e-2, device=missing)
+    with pytest.raises(ValueError, match="newton"):
+        solve({"a": x}, labels=y, l2=1e-2, solver="newton")
+    for l2 in ("none", -1.0, float("nan"), []):
+        with pytest.raises(ValueError):
+            solve({"a": x}, labels=y, l2=l2)
+    with pytest.raises(ValueError):
+        solve({"a": x}, labels=y, l2=1e-2, dtype="float16")
+    with pytest.raises(TypeError):
+        solve([x], labels=y, l2=1e-2)
+
+
+def _edit(store, fn) -> None:
+    """Change the store's files with plain zarr (before the snapshot of a test)."""
+    fn(zarr.open_group(store.path, mode="r+"))
+
+
+def test_failed_solves_on_a_store_change_nothing_outside_probes(store):
+    def fails(exc, match=None, **kw):
+        before = files_outside_probes(store.path)
+        with pytest.raises(exc, match=match) as e:
+            solve(store, **kw)
+        assert files_outside_probes(store.path) == before
+        return e.value
+
+    e = fails(engine.LayerNotFoundError, r"'1'.*'2'.*'3'", layers=["1", "fc9"], l2=1e-3)
+    assert isinstance(e, KeyError)
+    e = fails(engine.LabelNotFoundError, r"\['coarse', 'y'\]", label="fine", l2=1e-3)
+    assert isinstance(e, KeyError)
+    fails(ValueError, "does not exist", device=f"cuda:{max(7, torch.cuda.device_count())}",
+          l2=1e-3)
+    fails(ValueError, "newton", solver="newton", l2=1e-3)
+    fails(ValueError, "labels=", labels=np.zeros(540, dtype=np.int64), l2=1e-3)
+    assert not os.path.exists(os.path.join(store.path, "probes"))
+
+    def relabel(split, row, value):
+        def fn(group):
+            group[f"{split}/labels/y"][row] = value
+        return fn
+
+    was = int(store.labels("train")[5]), int(store.labels("test")[3])
+    _edit(store, relabel("train", 5, 10))  # 10 classes: 0..9
+    fails(engine.DataError, r"split 'train', row 5: label 10", layers=["3"], l2=1e-3)
+    _edit(store, relabel("train", 5, was[0]))
+    _edit(store, relabel("test", 3, -2))
+    fails(engine.DataError, r"split 'test', row 3: label -2", layers=["3"], l2=1e-3)
+    _edit(store, relabel("test", 3, was[1]))
+
+    def poison(split, row):
+        def fn(group):
+            group[f"{split}/features/2"][row, 4] = np.nan
+        return fn
+
+    _edit(store, poison("train", 7))
+    fails(engine.NonFiniteError, r"layer '2', split 'train', row 7", layers=["2"], l2=1e-3,
+          run="nan-train")
+    _edit(store, lambda group: group["train/features/2"].__setitem__((7, 4), 0.0))
+    _edit(store, poison("test", 11))
+    fails(engine.NonFiniteError, r"layer '2', split 'test', row 11", layers=["2"], l2=1e-3,
+          run="nan-test")
+
+
+def test_incomplete_store_needs_allow_partial(store):
+    group = zarr.open_group(store.path, mode="r+")
+    meta = dict(group.attrs["probe_engine"])
+    meta["splits"]["test"]["rows_committed"] = 64
+    group.attrs["probe_engine"] = meta
+    partial = engine.open_store(store.path)
+    assert not partial.complete
+
+    before = files_outside_probes(store.path)
+    with pytest.raises(engine.StoreError, match="allow_partial") as e:
+        solve(partial, l2=1e-3, layers=["3"])
+    assert isinstance(e.value, OSError)
+    assert files_outside_probes(store.path) == before
+
+    res = solve(partial, l2=1e-3, layers=["3"], tol=1e-5, allow_partial=True)
+    assert files_outside_probes(store.path) == before
+    feats = {s: {"3": partial.read(s, "3")} for s in partial.splits}
+    labels = {s: partial.labels(s) for s in partial.splits}
+    assert len(labels["test"]) == 64
+    ref = solve(feats, labels=labels, l2=1e-3, tol=1e-5)
+    np.testing.assert_allclose(res.weights["3"][0], ref.weights["3"][0], rtol=1e-6, atol=1e-7)
+    w, b = res.weights["3"]
+    test = res.table[res.table.split == "test"].iloc[0]
+    _, top1, _ = _metrics(feats["test"]["3"], labels["test"], w, b)
+    assert test.top1_error == pytest.approx(top1, abs=1.5 / 64)
+    assert test.top1_error == ref.table[ref.table.split == "test"].iloc[0].top1_error
+
+
+# -- 8. input types ----------------------------------------------------------------------
+def test_numpy_torch_and_zarr_inputs_give_the_same_probe():
+    x, y = blobs(300, 6, 4, seed=9)
+    xv, yv = blobs(80, 6, 4, seed=10)
+
+    def as_zarr(a):
+        return zarr.create_array(store={}, data=a)
+
+    results = []
+    for conv in (np.asarray, torch.from_numpy, as_zarr):
+        results.append(solve({"train": {"a": conv(x)}, "valid": {"a": conv(xv)}},
+                             labels={"train": conv(y), "valid": conv(yv)}, l2=1e-2, tol=1e-6))
+    # mixed, and the one-split form
+    results.append(solve({"a": torch.from_numpy(x)}, labels=as_zarr(y), l2=1e-2, tol=1e-6))
+    w0, b0 = results[0].weights["a"]
+    for res in results[1:]:
+        np.testing.assert_allclose(res.weights["a"][0], w0, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(res.weights["a"][1], b0, rtol=1e-6, atol=1e-7)
+    for res in results[1:3]:
+        pd.testing.assert_frame_equal(without_seconds(res.table),
+                                      without_seconds(results[0].table))
+
+
+def test_empty_split_numpy_scalar_l2_and_read_only_arrays(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    with pytest.raises(engine.DataError, match="split 'valid' has no rows"):
+        engine.solve({"train": {"a": x}, "valid": {"a": x[:0]}},
+                     labels={"train": y, "valid": y[:0]}, l2=1e-2, progress=False)
+    a = engine.solve({"a": x}, labels=y, l2=np.float32(1e-2), progress=False)
+    np.save(tmp_path / "x.npy", x)
+    ro = np.load(tmp_path / "x.npy", mmap_mode="r")
+    b = engine.solve({"a": ro}, labels=y, l2=1e-2, progress=False)
+    np.testing.assert_array_equal(a.weights["a"][0], b.weights["a"][0])
+
+
+def test_sgd_with_early_stopping_gets_close_to_lbfgs():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 20)).astype(np.float32)
+    y = (x @ rng.standard_normal((20, 4)) + rng.gumbel(size=(3000, 4))).argmax(1)
+    feats = {"train": {"a": x[:2400]}, "valid": {"a": x[2400:]}}
+    labels = {"train": y[:2400], "valid": y[2400:]}
+    exact = engine.solve(feats, labels=labels, l2=1e-3, progress=False)
+    sgd = engine.solve(feats, labels=labels, l2=1e-3, solver="sgd", epochs=40, progress=False)
+    e_exact = exact.error("valid").iloc[0]
+    e_sgd = sgd.error("valid").iloc[0]
+    assert e_sgd <= e_exact + 0.02
+    row = sgd.table.iloc[0]
+    assert row.iterations <= 40 and sgd.config["solver"] == "sgd"
+    with pytest.raises(engine.SplitNotFoundError, match="early_stopping=False"):
+        engine.solve({"a": x}, labels=y, l2=1e-3, solver="sgd", progress=False)
+    free = engine.solve({"a": x}, labels=y, l2=1e-3, solver="sgd", epochs=3,
+                        early_stopping=False, progress=False)
+    assert free.table.iterations.iloc[0] == 3 and not free.table.converged.iloc[0]
