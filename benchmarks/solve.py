@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         layers = store.layers
         y = store.labels("train")
         t0 = time.perf_counter()
-        ours = engine.solve(store, l2=L2, tol=TOL, run="bench", device=args.device,
+        ours = engine.solve(store, l2=L2, tol=TOL, max_iter=10_000, run="bench", device=args.device,
                             progress=False)
         t_ours = time.perf_counter() - t0
         t_sk, sk = sklearn_layers(store, layers)
