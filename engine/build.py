@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import store as _store
 from ._data import SplitSource, compute_extra, extra_labels, resolve_splits, sample_digest
+from ._devices import resolve_device
 from ._fingerprint import differences, model_fingerprint
 from ._writer import Block, BlockWriter
 from .capture import Site, _check_sites, discover_sites, hooked, select_modules
@@ -166,21 +167,12 @@ def build_store(
 
 # -- set-up ------------------------------------------------------------------------------
 def _resolve_device(model: nn.Module, device: str | torch.device) -> torch.device:
+    """``"auto"``: the model's device when it is not the CPU, else CUDA when available."""
     if device == "auto":
         params = list(model.parameters())
         if params and params[0].device.type != "cpu":
             return params[0].device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise ValueError(f"device {device!r} does not exist here ({n} CUDA device(s)); "
-                         f"use device='cpu' or 'auto'")
-    return dev
+    return resolve_device(device)
 
 
 def _check_writable(path: str) -> None:

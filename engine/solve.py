@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from kernels.reference import softmax_xent
 
+from ._devices import resolve_device
 from ._lbfgs import LBFGSState
 from .errors import (
     DataError,
@@ -189,22 +190,6 @@ def _grid(l2) -> tuple[float, ...]:
                              for v in values):
         raise ValueError(f"l2 values must be finite and >= 0, got {l2!r}")
     return tuple(float(v) for v in sorted(set(values)))
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; a device that does not exist -> error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise ValueError(f"device {device!r} does not exist here ({n} CUDA device(s)); "
-                         f"use device='cpu' or 'auto'")
-    return dev
 
 
 @dataclass
