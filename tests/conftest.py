@@ -9,6 +9,21 @@ import torch
 import engine
 from engine.datasets import ArrayDataset
 
+#: per-row output shape of each site of engine.models.mnist_convnet() on 28x28 inputs
+MNIST_SHAPES = {
+    "input": (1, 28, 28),
+    "conv1_preact": (32, 28, 28),
+    "conv1_postact": (32, 28, 28),
+    "conv1_postpool": (32, 14, 14),
+    "conv2_preact": (64, 14, 14),
+    "conv2_postact": (64, 14, 14),
+    "conv2_postpool": (64, 7, 7),
+    "flatten": (3136,),
+    "fc1_preact": (512,),
+    "fc1_postact": (512,),
+    "logits": (10,),
+}
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

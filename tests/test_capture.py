@@ -4,6 +4,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import MNIST_SHAPES
 from torch import nn
 from torchvision.models import resnet18
 
@@ -23,19 +24,7 @@ AUTO = [
     "fc1_postact",
     "logits",
 ]
-SHAPES = {
-    "input": (1, 28, 28),
-    "conv1_preact": (32, 28, 28),
-    "conv1_postact": (32, 28, 28),
-    "conv1_postpool": (32, 14, 14),
-    "conv2_preact": (64, 14, 14),
-    "conv2_postact": (64, 14, 14),
-    "conv2_postpool": (64, 7, 7),
-    "flatten": (3136,),
-    "fc1_preact": (512,),
-    "fc1_postact": (512,),
-    "logits": (10,),
-}
+SHAPES = MNIST_SHAPES
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import MNIST_SHAPES
 from torch import nn
 
 from engine.models import mnist_convnet
@@ -31,18 +32,7 @@ def test_child_names_and_types():
 def test_shapes(batch):
     torch.manual_seed(0)
     model = mnist_convnet().eval()
-    expected = {
-        "conv1_preact": (32, 28, 28),
-        "conv1_postact": (32, 28, 28),
-        "conv1_postpool": (32, 14, 14),
-        "conv2_preact": (64, 14, 14),
-        "conv2_postact": (64, 14, 14),
-        "conv2_postpool": (64, 7, 7),
-        "flatten": (3136,),
-        "fc1_preact": (512,),
-        "fc1_postact": (512,),
-        "logits": (10,),
-    }
+    expected = MNIST_SHAPES
     x = torch.randn(batch, 1, 28, 28)
     out = model(x)
     assert out.shape == (batch, 10)
