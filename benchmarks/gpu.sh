@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device check, one call: install the carried wheels, run the `gpu` tests, then the GPU
-# capture benchmark. Figures and logs land in $OUT.
+# capture and solve benchmarks. Figures and logs land in $OUT.
 #   run: bash benchmarks/gpu.sh      (carry: .whl)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,3 +14,5 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -W def
     | tee "$OUT/gpu-tests.log"
 timeout 330 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
     --json "$OUT/capture-cuda.json" 2>&1 | tee "$OUT/capture-cuda.log"
+timeout 150 python3 -m benchmarks.solve --device cuda ${QUICK:+--quick} \
+    --json "$OUT/solve-cuda.json" 2>&1 | tee "$OUT/solve-cuda.log"

@@ -2,16 +2,22 @@
 
 1. ``engine.solve`` (all K probes batched, L-BFGS) vs scikit-learn
    ``LogisticRegression(solver="lbfgs")`` fitted layer after layer: same features, same
-   lambda (C = 1 / (lambda N)), same stopping rule (max |grad| <= tol), float32 both.
+   lambda (C = 1 / (lambda N)), float32 both. Twice: with the same stopping rule
+   (max |grad| <= tol), and with ours held to tol / 10, where it must reach an objective at
+   least as low as scikit-learn's on every layer (the fair "same accuracy" comparison: a
+   better-preconditioned path can meet a gradient test at a slightly higher objective).
 2. ``engine.solve`` vs a naive torch loop: one ``nn.Linear`` and ``torch.optim.LBFGS``
    (strong Wolfe, same tolerance) per layer, one after another.
 3. Cost growth: seconds per full pass (loss + gradient of every probe) against the rows N
    and against the total width sum(D_k); log-log slopes near 1 mean linear cost.
+4. ``--device cuda``: one full pass over ResNet-50-shaped pooled features (17 layers,
+   sum(D) = 15,168, C = 1,000, N = 100,000 rows, random class-structured values) against
+   the GEMM floor 4 N sum(D) C FLOP at the matmul rate measured on the same device.
 
-Features: the paper's MNIST convnet (seeded, untrained) at its ten sites on Fashion-MNIST,
-``reduce="auto"``, captured with ``engine.build_store``.
+Features for 1-3: the paper's MNIST convnet (seeded, untrained) at its ten sites on
+Fashion-MNIST, ``reduce="auto"``, captured with ``engine.build_store``.
 
-    python -m benchmarks.solve [--quick] [--rows N] [--json FILE]
+    python -m benchmarks.solve [--quick] [--rows N] [--device cuda] [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from sklearn.linear_model import LogisticRegression
 import engine
 from engine._lbfgs import LBFGSState
 from engine.datasets import ArrayDataset
-from engine.solve import _DTYPES, _Fitter, _from_store, _Probe
+from engine.solve import _DTYPES, _Fitter, _from_mapping, _from_store, _Probe
 
 L2 = 1e-4
 TOL = 1e-4
+#: ResNet-50's 17 per-channel-pooled sites: the stem, then each bottleneck's output
+RESNET50_WIDTHS = (64,) + (256,) * 3 + (512,) * 4 + (1024,) * 6 + (2048,) * 3
 
 
 def objective(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, lam: float) -> float:
@@ -113,6 +121,56 @@ def pass_seconds(store, layers, rows: int | None = None, repeats: int = 3) -> fl
     return float(np.median(times))
 
 
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """Measured dense matmul rate (TFLOP/s) of ``device`` for (n, n) @ (n, n)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def resnet50_pass(device: torch.device, rows: int, classes: int = 1000,
+                  repeats: int = 3) -> dict:
+    """Seconds of one full loss + gradient pass over ResNet-50-shaped pooled features
+    against the GEMM floor 4 N sum(D) C FLOP at the measured float32 (TF32) matmul rate."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    y = torch.randint(0, classes, (rows,), generator=gen)
+    feats = {}
+    for k, d in enumerate(RESNET50_WIDTHS):  # class means plus noise, stored as float16
+        means = torch.randn(classes, d, generator=gen)
+        feats[f"site{k:02d}"] = (means[y] + torch.randn(rows, d, generator=gen)).half()
+    data = _from_mapping(feats, y.numpy(), None)
+    fit = _Fitter(data, device, torch.float32, (L2,), 1, TOL)
+    probes = [_Probe(layer, L2, LBFGSState(torch.zeros(data.dims[layer] + 1, classes,
+                                                       device=device)))
+              for layer in data.layers]
+    req = [(p, p.state.x) for p in probes]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fit.evaluate("train", req, grad=True)  # loads the features, warms up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit.evaluate("train", req, grad=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    flop = 4 * rows * sum(RESNET50_WIDTHS) * classes
+    rate = matmul_tflops(device, torch.float32, 8192 if device.type == "cuda" else 2048)
+    floor = flop / (rate * 1e12)
+    return {"case": "ResNet-50-shaped pass vs GEMM floor", "device": str(device),
+            "rows": rows, "sum_D": sum(RESNET50_WIDTHS), "classes": classes,
+            "pass_s": round(seconds, 4), "floor_s": round(floor, 4),
+            "matmul_tflops": round(rate, 2), "ratio": round(seconds / floor, 2),
+            "target": 1.5}
+
+
 def slope(xs, ts) -> float:
     return float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
 
@@ -126,33 +184,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     rows = args.rows or (2000 if args.quick else 10_000)
     results = []
+    if args.device != "cpu":  # the GPU case; the comparisons with scikit-learn are CPU ones
+        results.append(resnet50_pass(torch.device(args.device),
+                                     10_000 if args.quick else 100_000))
+        print(results[-1], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
+                                                   "torch": torch.__version__,
+                                                   "results": results}, indent=2))
+        return results
     with tempfile.TemporaryDirectory(prefix="probe-engine-solve-") as tmp:
         store = make_store(Path(tmp) / "s.zarr", rows)
         layers = store.layers
         y = store.labels("train")
         t0 = time.perf_counter()
-        ours = engine.solve(store, l2=L2, tol=TOL, max_iter=10_000, run="bench", device=args.device,
-                            progress=False)
+        ours = engine.solve(store, l2=L2, tol=TOL, max_iter=10_000, run="bench",
+                            device="cpu", progress=False)
         t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tight = engine.solve(store, l2=L2, tol=TOL / 10, max_iter=10_000, run="bench-tight",
+                             device="cpu", progress=False)
+        t_tight = time.perf_counter() - t0
         t_sk, sk = sklearn_layers(store, layers)
         t_torch, naive = torch_loop(store, layers)
         gap = {}
         for layer in layers:
             x = store.read("train", layer)
-            w, b = ours.weights[layer]
-            f_ours = objective(w, b, x, y, L2)
             f_sk = objective(*sk[layer][:2], x, y, L2)
-            f_t = objective(*naive[layer][:2], x, y, L2)
-            gap[layer] = {"ours": f_ours, "sklearn": f_sk, "torch_loop": f_t,
-                          "sklearn_iters": int(sk[layer][2]), "torch_iters": int(naive[layer][2])}
+            gap[layer] = {"ours": objective(*ours.weights[layer], x, y, L2),
+                          "ours_tight": objective(*tight.weights[layer], x, y, L2),
+                          "sklearn": f_sk, "torch_loop": objective(*naive[layer][:2], x, y, L2),
+                          "ours_iters": int(ours.table.query("layer == @layer")
+                                            ["iterations"].iloc[0]),
+                          "sklearn_iters": int(sk[layer][2]),
+                          "torch_iters": int(naive[layer][2])}
+        not_lower = [layer for layer, g in gap.items() if g["ours_tight"] > g["sklearn"]]
         sum_d = sum(store.layer_info(layer)["dim"] for layer in layers)
-        results.append({"case": f"batched vs sklearn, {len(layers)} layers", "rows": len(y),
-                        "sum_D": sum_d, "ours_s": round(t_ours, 2), "peer_s": round(t_sk, 2),
+        common = {"rows": len(y), "sum_D": sum_d}
+        results.append({"case": f"batched vs sklearn, {len(layers)} layers, same tol",
+                        **common, "ours_s": round(t_ours, 2), "peer_s": round(t_sk, 2),
                         "speedup": round(t_sk / t_ours, 2), "target": 3.0})
-        results.append({"case": f"batched vs torch loop, {len(layers)} layers",
-                        "rows": len(y), "sum_D": sum_d, "ours_s": round(t_ours, 2),
-                        "peer_s": round(t_torch, 2), "speedup": round(t_torch / t_ours, 2),
-                        "target": None})
+        results.append({"case": f"batched at tol/10 vs sklearn at tol, {len(layers)} layers",
+                        **common, "ours_s": round(t_tight, 2), "peer_s": round(t_sk, 2),
+                        "speedup": round(t_sk / t_tight, 2), "target": 3.0,
+                        "layers_not_lower": not_lower})
+        results.append({"case": f"batched vs torch loop, {len(layers)} layers", **common,
+                        "ours_s": round(t_ours, 2), "peer_s": round(t_torch, 2),
+                        "speedup": round(t_torch / t_ours, 2), "target": None})
         ns = [rows // 8, rows // 4, rows // 2, rows]
         tn = [pass_seconds(store, layers, n) for n in ns]
         by_width = sorted(layers, key=lambda layer: store.layer_info(layer)["dim"])
@@ -165,10 +243,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "slope": round(slope(ds, td), 2), "target": "about 1"})
         for r in results:
             print({k: v for k, v in r.items()}, flush=True)
-        print("objectives per layer (ours / sklearn / torch loop):")
+        print("objectives per layer (ours / ours at tol/10 / sklearn / torch loop):")
         for layer, g in gap.items():
-            print(f"  {layer:<16} {g['ours']:.6f} {g['sklearn']:.6f} {g['torch_loop']:.6f}  "
-                  f"iterations: sklearn {g['sklearn_iters']}, torch {g['torch_iters']}")
+            print(f"  {layer:<16} {g['ours']:.6f} {g['ours_tight']:.6f} {g['sklearn']:.6f} "
+                  f"{g['torch_loop']:.6f}  iterations: ours {g['ours_iters']}, sklearn "
+                  f"{g['sklearn_iters']}, torch {g['torch_iters']}")
     report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows,
               "l2": L2, "tol": TOL, "results": results, "objectives": gap}
     if args.json:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,9 +119,11 @@ class WolfeSearch:
 @dataclass
 class LBFGSState:
     """One probe's optimiser state: parameters ``x`` ((D+1, C) float), objective ``f``,
-    gradient ``g``, the last ``history`` curvature pairs."""
+    gradient ``g``, the last ``history`` curvature pairs, and optionally ``precond``, a
+    symmetric positive definite map M applied as the initial inverse Hessian."""
 
     x: torch.Tensor
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None
     f: float = math.inf
     g: torch.Tensor | None = None
     history: int = 10
@@ -134,9 +137,11 @@ class LBFGSState:
     reason: str = ""
     d: torch.Tensor | None = None
     search: WolfeSearch | None = None
+    stalled: bool = False  # the last iteration made no progress; the next one restarts
 
     def direction(self) -> torch.Tensor:
-        """-H g by the two-loop recursion (H0 = (s.y / y.y) I)."""
+        """-H g by the two-loop recursion; H0 = (s.y / y.y) I, or with a preconditioner M,
+        H0 = (s.y / y.M y) M (M alone before the first step)."""
         q = -self.g.clone()
         alphas = []
         for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho),
@@ -144,7 +149,12 @@ class LBFGSState:
             a = rho * _dot(s, q)
             alphas.append(a)
             q.add_(y, alpha=-a)
-        if self.s:
+        if self.precond is not None:
+            q = self.precond(q)
+            if self.s:
+                y = self.y[-1]
+                q.mul_(_dot(self.s[-1], y) / _dot(y, self.precond(y)))
+        elif self.s:
             q.mul_(_dot(self.s[-1], self.y[-1]) / _dot(self.y[-1], self.y[-1]))
         for (s, y, rho), a in zip(zip(self.s, self.y, self.rho, strict=True),
                                   reversed(alphas), strict=True):
@@ -159,7 +169,10 @@ class LBFGSState:
             self.s.clear(), self.y.clear(), self.rho.clear()
             self.d = -self.g
             gd = _dot(self.g, self.d)
-        first = 1.0 if self.s else min(1.0, 1.0 / max(float(self.g.abs().sum()), 1e-30))
+        if self.s or self.precond is not None:  # a scaled direction: try the full step
+            first = 1.0
+        else:
+            first = min(1.0, 1.0 / max(float(self.g.abs().sum()), 1e-30))
         self.search = WolfeSearch(self.f, gd, first)
 
     def trial(self) -> torch.Tensor:
@@ -181,12 +194,23 @@ class LBFGSState:
         if float(self.g.abs().max()) <= tol:
             self.done, self.converged, self.reason = True, True, "gradient below tol"
         elif abs(f_old - self.f) <= 1e-12 * max(abs(f_old), abs(self.f), 1.0):
-            self.done, self.converged, self.reason = True, True, "objective stopped changing"
+            self._stall(True, "objective stopped changing")
         elif self.iterations >= max_iter:
             self.done, self.reason = True, "max_iter reached"
+        else:
+            self.stalled = False
 
     def fail(self, tol: float) -> None:
         """No step decreased the objective: at the optimum to working precision, or stuck."""
-        self.done, self.search = True, None
-        self.converged = float(self.g.abs().max()) <= 10 * tol
-        self.reason = "line search found no decrease (at the precision limit)"
+        self.search = None
+        self._stall(float(self.g.abs().max()) <= 10 * tol,
+                    "line search found no decrease (at the precision limit)")
+
+    def _stall(self, converged: bool, reason: str) -> None:
+        """No progress: the curvature pairs may be stale, so the first time, forget them and
+        go on from H0 (as L-BFGS-B does); twice in a row, stop."""
+        if self.s and not self.stalled:
+            self.s.clear(), self.y.clear(), self.rho.clear()
+            self.stalled = True
+            return
+        self.done, self.converged, self.reason = True, converged, reason

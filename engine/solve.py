@@ -32,6 +32,7 @@ from kernels.reference import softmax_xent
 
 from ._devices import resolve_device
 from ._lbfgs import LBFGSState
+from ._precond import RANK, LowRankPreconditioner, top_eigenpairs
 from .errors import (
     DataError,
     LayerNotFoundError,
@@ -143,7 +144,8 @@ def solve(
     config = {"solver": solver, "l2": list(grid), "label": label, "dtype": dtype,
               "num_classes": data.num_classes, "allow_partial": allow_partial}
     if solver == "lbfgs":
-        config.update(max_iter=max_iter, tol=tol)
+        config.update(max_iter=max_iter, tol=tol,
+                      preconditioner=f"low-rank curvature, rank {RANK}")
     else:
         config.update(early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
                       batch_size=batch_size, seed=seed)
@@ -342,8 +344,10 @@ class _Fitter:
     """Evaluates many probes per pass over each layer's features, and drives L-BFGS."""
 
     def __init__(self, data: _Data, device: torch.device, dtype: torch.dtype,
-                 grid: tuple[float, ...], max_iter: int, tol: float):
+                 grid: tuple[float, ...], max_iter: int, tol: float,
+                 precondition: bool = True):
         self.data, self.device, self.dtype = data, device, dtype
+        self.precondition = precondition
         self.grid, self.max_iter, self.tol = grid, max_iter, tol
         self.C = data.num_classes
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
@@ -376,28 +380,38 @@ class _Fitter:
             x = self.features(split, layer)
             d, k = x.shape[1], len(idx)
             theta = torch.stack([requests[i][1] for i in idx], dim=1)  # (D+1, K, C)
-            # both products in the (K*C, D) orientation: MKL runs X^T dZ as (D, K*C) about
-            # 5x slower than dZ^T X as (K*C, D) for skinny K*C, and X W^T 1.5x faster
-            wt, b = theta[:d].reshape(d, k * c).T.contiguous(), theta[d].reshape(k * c)
-            gt = torch.zeros(k * c, d, dtype=theta.dtype, device=self.device) if grad else None
+            kc = k * c
+            # the K*C logit columns padded to a multiple of 16: MKL's float32 GEMMs with a
+            # skinny side of 10 (or 60) columns run up to 10x slower than with 16 (or 64);
+            # the padding columns have zero weights and a zero gradient
+            width = -(-kc // 16) * 16 if self.device.type == "cpu" else kc
+            wt = torch.zeros(width, d, dtype=theta.dtype, device=self.device)
+            wt[:kc] = theta[:d].reshape(d, kc).T
+            b = torch.zeros(width, dtype=theta.dtype, device=self.device)
+            b[:kc] = theta[d].reshape(kc)
+            gw = torch.zeros(d, width, dtype=theta.dtype, device=self.device) if grad else None
+            gb = torch.zeros(width, dtype=theta.dtype, device=self.device) if grad else None
             loss = torch.zeros(k, dtype=torch.float64, device=self.device)
             top1 = torch.zeros(k, dtype=torch.int64, device=self.device)
             top5 = torch.zeros_like(top1)
-            g = torch.zeros_like(theta) if grad else None
-            rows = max(256, _BLOCK_BYTES // (k * c * theta.element_size()))
+            rows = max(256, _BLOCK_BYTES // (width * theta.element_size()))
             for r0 in range(0, n, rows):
                 xb = x[r0 : r0 + rows].to(self.dtype)
-                z = torch.addmm(b, xb, wt.T)  # (B, K*C)
-                _, ls, t1, t5 = softmax_xent(z.view(-1, k, c).transpose(0, 1), y[r0 : r0 + rows],
-                                             scale=1.0 / n, grad=grad)
+                z = torch.addmm(b, xb, wt.T)  # (B, width)
+                logits = z[:, :kc].view(-1, k, c).transpose(0, 1)  # (K, B, C) view
+                _, ls, t1, t5 = softmax_xent(logits, y[r0 : r0 + rows], scale=1.0 / n,
+                                             grad=grad)
                 loss += ls.double()
                 top1 += t1
                 top5 += t5
                 if grad:  # z now holds the gradient w.r.t. the logits
-                    gt.addmm_(z.T, xb)
-                    g[d].view(k * c).add_(z.sum(dim=0))
+                    z[:, kc:].zero_()
+                    gw.addmm_(xb.T, z)
+                    gb.add_(z.sum(dim=0))
             if grad:
-                g[:d].view(d, k * c).copy_(gt.T)
+                g = torch.empty_like(theta)
+                g[:d].view(d, kc).copy_(gw[:, :kc])
+                g[d].view(kc).copy_(gb[:kc])
             loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
             for j, i in enumerate(idx):
                 probe, params = requests[i]
@@ -411,12 +425,15 @@ class _Fitter:
         return out
 
     def run(self, layers: list[str], on_layer, *, progress: bool) -> None:
-        probes = [
-            _Probe(layer, l2, LBFGSState(torch.zeros(
-                self.data.dims[layer] + 1, self.C,
-                dtype=self.dtype, device=self.device)))
-            for layer in layers for l2 in self.grid
-        ]
+        probes = []
+        for layer in layers:
+            eig = (top_eigenpairs(self.features("train", layer), dtype=self.dtype)
+                   if self.precondition else None)
+            for l2 in self.grid:
+                pre = LowRankPreconditioner(*eig, l2, self.C) if eig else None
+                x0 = torch.zeros(self.data.dims[layer] + 1, self.C, dtype=self.dtype,
+                                 device=self.device)
+                probes.append(_Probe(layer, l2, LBFGSState(x0, precond=pre)))
 
         for p, (f, g, _, _) in zip(probes, self.evaluate(
                 "train", [(p, p.state.x) for p in probes], grad=True), strict=True):
