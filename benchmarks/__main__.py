@@ -1,15 +1,16 @@
 """Run every benchmark in its quick mode and print one table of ratios.
 
-    python -m benchmarks [--device cuda]
+    python -m benchmarks [--device cuda]     (cuda adds the kernel benchmark)
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import capture, solve
+from . import capture, kernel, solve
 
 BENCHMARKS = {"capture": capture, "solve": solve}
+GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
 
 
 def main() -> None:
@@ -17,8 +18,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     rows = []
-    for name, module in BENCHMARKS.items():
-        for r in module.main(["--quick", "--device", args.device]):
+    runs = [(name, module, ["--quick", "--device", args.device])
+            for name, module in BENCHMARKS.items()]
+    if args.device != "cpu":
+        runs += [(name, module, ["--quick"]) for name, module in GPU_ONLY.items()]
+    for name, module, argv in runs:
+        for r in module.main(argv):
             if "ratio" in r:
                 rows.append((name, r["case"], r["ratio"], r["target"],
                              "speedup" if "speedup" in r else "ours/peer"))

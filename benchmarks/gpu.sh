@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The device check, one call: install the carried wheels, run the `gpu` tests, then the GPU
-# capture and solve benchmarks. Figures and logs land in $OUT.
+# capture, kernel and solve benchmarks. Figures and logs land in $OUT.
 #   run: bash benchmarks/gpu.sh      (carry: .whl)
+# .whl: ../shared/scripts/offline-wheels.sh scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 \
+#       threadpoolctl==3.8.0 hypothesis==6.170.17 attrs  (the tests import them; 57 MB)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -10,9 +12,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
     | tee "$OUT/gpu.txt"
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__)"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -W default::DeprecationWarning tests 2>&1 \
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -W default::DeprecationWarning tests 2>&1 \
     | tee "$OUT/gpu-tests.log"
-timeout 330 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
+timeout 200 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
     --json "$OUT/capture-cuda.json" 2>&1 | tee "$OUT/capture-cuda.log"
-timeout 150 python3 -m benchmarks.solve --device cuda ${QUICK:+--quick} \
+timeout 120 python3 -m benchmarks.solve --device cuda ${QUICK:+--quick} \
     --json "$OUT/solve-cuda.json" 2>&1 | tee "$OUT/solve-cuda.log"
+timeout 90 python3 -m benchmarks.kernel ${QUICK:+--quick} \
+    --json "$OUT/kernel-cuda.json" 2>&1 | tee "$OUT/kernel-cuda.log"

@@ -99,8 +99,12 @@ def _solve(args) -> int:
         progress=not args.quiet,
     )
     print(results)
-    print(f"solved {results.table.layer.nunique()} layers in {time.perf_counter() - t0:.1f} s; "
-          f"probes saved in {args.path} under probes/{args.run}")
+    ran = sorted({(b["device"], b["kernel"], b["matmul"])
+                  for b in results.backends.values() if b}, key=str)
+    how = "; ".join(f"{d}, {'fused CUDA' if k == 'cuda' else 'torch'} loss kernel, {m} GEMMs"
+                    for d, k, m in ran)
+    print(f"solved {results.table.layer.nunique()} layers in {time.perf_counter() - t0:.1f} s"
+          f"{f' ({how})' if how else ''}; probes saved in {args.path} under probes/{args.run}")
     return 0
 
 
@@ -180,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-2, help="sgd")
     s.add_argument("--no-early-stopping", action="store_true", help="sgd")
     s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--dtype", default="float32", choices=["float32", "tf32", "float64"])
     s.add_argument("--run", default="default", help="name under probes/ in the store")
     s.add_argument("--allow-partial", action="store_true",
                    help="solve an incomplete store on its committed rows")

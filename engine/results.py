@@ -25,7 +25,8 @@ class ProbeResults:
 
     ``table``: one row per (layer, split) for the chosen lambda of each layer, columns
     :data:`COLUMNS`. ``grid``: every lambda tried, one row per (layer, l2). ``weights``:
-    layer -> (W (D, C) float32, b (C,) float32).
+    layer -> (W (D, C) float32, b (C,) float32). ``backends``: layer -> the device, the
+    loss / gradient kernel and the matmul precision it was solved with.
     """
 
     table: pd.DataFrame
@@ -34,12 +35,15 @@ class ProbeResults:
     config: dict = field(default_factory=dict)
     run: str | None = None
     path: str | None = None
+    #: layer -> how it was solved: {"device", "kernel" ("cuda" fused or "torch"), "matmul"}
+    backends: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: dict[str, dict], info: dict[str, dict], *, config: dict,
                      run: str | None, path: str | None) -> ProbeResults:
-        rows, grid, weights = [], [], {}
+        rows, grid, weights, backends = [], [], {}, {}
         for layer, rec in records.items():
+            backends[layer] = dict(rec.get("backend", {}))
             meta = info.get(layer, {})
             for split, m in rec["metrics"].items():
                 rows.append({"layer": layer, "split": split, "site": meta.get("site", ""),
@@ -51,7 +55,7 @@ class ProbeResults:
             grid += [{"layer": layer, **g} for g in rec["grid"]]
             weights[layer] = (rec["W"], rec["b"])
         return cls(pd.DataFrame(rows, columns=COLUMNS), pd.DataFrame(grid), weights,
-                   config, run, path)
+                   config, run, path, backends)
 
     def error(self, split: str = "test", metric: str = "top1_error") -> pd.Series:
         """``metric`` per layer on ``split``, in layer order."""

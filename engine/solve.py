@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels.reference import softmax_xent
+from kernels import softmax_xent, uses_cuda_kernel
+from kernels.reference import softmax_xent as reference_softmax_xent
 
 from ._devices import resolve_device
 from ._lbfgs import LBFGSState
@@ -47,7 +48,8 @@ __all__ = ["solve", "DEFAULT_L2_GRID", "ProbeEngineWarning"]
 
 #: lambda values tried by ``l2="auto"`` (per-row loss scale: sklearn C = 1 / (lambda * N))
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: arithmetic; "tf32" is float32 with TF32 tensor-core GEMMs on CUDA (float32 elsewhere)
+_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float64": torch.float64}
 _BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
 
 
@@ -99,8 +101,11 @@ def solve(
             ``patience`` epochs without a lower validation top-1 error and keeps its best
             weights. L-BFGS ignores these: it solves the penalised problem exactly.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
-        dtype: arithmetic, ``"float32"`` or ``"float64"``; float16 / bfloat16 features are
-            upcast block by block.
+        dtype: arithmetic, ``"float32"``, ``"tf32"`` (float32 with TF32 tensor-core GEMMs
+            on CUDA, float32 elsewhere) or ``"float64"``; float16 / bfloat16 features are
+            upcast block by block. On CUDA with CuPy installed, loss and gradient come from
+            the fused kernel (``kernels/softmax_xent.cu``), else from its torch reference;
+            ``results.backends`` says which.
         run: name of the run: probes are saved to ``probes/<run>/<layer>`` in the store as
             each layer finishes, and a rerun of the same run skips finished layers.
         allow_partial: solve an incomplete store on its committed rows instead of refusing.
@@ -155,25 +160,35 @@ def solve(
         done = saved_layers(store, run)
     todo = [layer for layer in data.layers if layer not in done]
 
-    fit = _Fitter(data, dev, _DTYPES[dtype], grid, max_iter, tol)
+    arith = _DTYPES[dtype]
+    tf32 = dtype == "tf32" and dev.type == "cuda"
+    backend = {"device": str(dev), "kernel": "cuda" if uses_cuda_kernel(dev, arith) else "torch",
+               "matmul": "tf32" if tf32 else str(arith).removeprefix("torch.")}
+    fit = _Fitter(data, dev, arith, grid, max_iter, tol)
     for split in data.splits:  # load and check now, not after hours of fitting
         if split != "train" or solver == "lbfgs":  # sgd streams train
-            for layer in todo:
-                fit.features(split, layer)
+            fit.load(split, todo)
     finished: dict[str, dict] = dict(done)
 
     def on_layer(layer: str, record: dict) -> None:
         record["seconds"] = round(time.perf_counter() - t_start, 3)
+        record["backend"] = backend
         finished[layer] = record
         if store is not None:
             save_layer(store, run, layer, record)
 
-    if todo and solver == "lbfgs":
-        fit.run(todo, on_layer, progress=progress)
-    elif todo:
-        fit.run_sgd(todo, on_layer, epochs=epochs, patience=patience, lr=lr,
-                    batch_size=batch_size, early_stopping=early_stopping, seed=seed,
-                    progress=progress)
+    precision = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        if todo and solver == "lbfgs":
+            fit.run(todo, on_layer, progress=progress)
+        elif todo:
+            fit.run_sgd(todo, on_layer, epochs=epochs, patience=patience, lr=lr,
+                        batch_size=batch_size, early_stopping=early_stopping, seed=seed,
+                        progress=progress)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     info = {layer: data.info.get(layer, {}) for layer in data.layers}
     return ProbeResults.from_records(
         {layer: finished[layer] for layer in data.layers}, info, config=config,
@@ -341,17 +356,52 @@ class _Probe:
 
 
 class _Fitter:
-    """Evaluates many probes per pass over each layer's features, and drives L-BFGS."""
+    """Evaluates many probes per pass over each layer's features, and drives L-BFGS.
+
+    With ``group`` (the default on CUDA), layers of equal width keep their features in one
+    (L, N, D) stack, and the probes of consecutive stacked layers are evaluated by batched
+    GEMMs: many small products become a few large ones.
+    """
 
     def __init__(self, data: _Data, device: torch.device, dtype: torch.dtype,
                  grid: tuple[float, ...], max_iter: int, tol: float,
-                 precondition: bool = True):
+                 precondition: bool = True, group: bool | None = None,
+                 kernel: str = "auto"):
         self.data, self.device, self.dtype = data, device, dtype
         self.precondition = precondition
+        # "auto": the fused CUDA kernel where it runs; "torch": always the reference
+        self._xent = softmax_xent if kernel == "auto" else reference_softmax_xent
+        self.group = device.type == "cuda" if group is None else group
         self.grid, self.max_iter, self.tol = grid, max_iter, tol
         self.C = data.num_classes
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
+        self._stacks: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}  # -> (stack, index)
         self._y = {s: y.to(device) for s, y in data.labels.items()}
+
+    def _target_dtype(self, nbytes_wide: int, stored: torch.dtype) -> torch.dtype:
+        """The arithmetic dtype when the features fit in a third of the free memory in it,
+        else the stored dtype (upcast block by block)."""
+        return self.dtype if nbytes_wide < _free_bytes(self.device) // 3 else stored
+
+    def load(self, split: str, layers: list[str]) -> None:
+        """Read and check the features of ``layers`` onto the device (stacked by width)."""
+        by_width: dict[int, list[str]] = {}
+        for layer in layers:
+            by_width.setdefault(self.data.dims[layer], []).append(layer)
+        for width, group in by_width.items():
+            if not self.group or len(group) < 2:
+                for layer in group:
+                    self.features(split, layer)
+                continue
+            n = self.data.rows(split)
+            first = self.data.read(split, group[0])
+            target = self._target_dtype(
+                len(group) * n * width * torch.finfo(self.dtype).bits // 8, first.dtype)
+            stack = torch.empty(len(group), n, width, dtype=target, device=self.device)
+            for i, layer in enumerate(group):
+                stack[i].copy_(first if i == 0 else self.data.read(split, layer))
+                self._resident[(split, layer)] = stack[i]
+                self._stacks[(split, layer)] = (stack, i)
 
     def features(self, split: str, layer: str) -> torch.Tensor:
         """(N, D) features on the device: in the arithmetic dtype when that fits in a third
@@ -360,69 +410,107 @@ class _Fitter:
         x = self._resident.get(key)
         if x is None:
             src = self.data.read(split, layer)
-            wide = src.numel() * torch.finfo(self.dtype).bits // 8
-            target = self.dtype if wide < _free_bytes(self.device) // 3 else src.dtype
+            target = self._target_dtype(src.numel() * torch.finfo(self.dtype).bits // 8,
+                                        src.dtype)
             x = self._resident[key] = src.to(self.device, target)
         return x
+
+    def _runs(self, split: str, by_layer: dict[str, list[int]]) -> list[list[str]]:
+        """Layers evaluated together: consecutive layers of one stack asking for as many
+        probes each; every other layer alone."""
+        order = sorted(by_layer, key=lambda layer: (
+            id(self._stacks[(split, layer)][0]), self._stacks[(split, layer)][1])
+            if (split, layer) in self._stacks else (0, 0))
+        runs: list[list[str]] = []
+        for layer in order:
+            here = self._stacks.get((split, layer))
+            if runs and here is not None:
+                prev = self._stacks.get((split, runs[-1][-1]))
+                if (prev is not None and prev[0] is here[0] and prev[1] + 1 == here[1]
+                        and len(by_layer[layer]) == len(by_layer[runs[-1][-1]])):
+                    runs[-1].append(layer)
+                    continue
+            runs.append([layer])
+        return runs
 
     def evaluate(self, split: str, requests: list[tuple[_Probe, torch.Tensor]], *,
                  grad: bool) -> list[tuple[float, torch.Tensor | None, float, float]]:
         """(objective, gradient, top1_error, top5_error) of each requested (probe, params),
-        layer by layer, one pass over each layer's rows; without ``grad`` the objective is
-        the plain mean cross-entropy."""
+        one pass over each layer's rows (shared by all of the layer's probes, and by the
+        layers of a run); without ``grad`` the objective is the plain mean cross-entropy."""
         out: list = [None] * len(requests)
         by_layer: dict[str, list[int]] = {}
         for i, (probe, _) in enumerate(requests):
             by_layer.setdefault(probe.layer, []).append(i)
+        for run in self._runs(split, by_layer):
+            self._evaluate_run(split, run, by_layer, requests, out, grad)
+        return out
+
+    def _evaluate_run(self, split: str, run: list[str], by_layer: dict[str, list[int]],
+                      requests: list, out: list, grad: bool) -> None:
         y = self._y[split]
         n, c = y.shape[0], self.C
-        for layer, idx in by_layer.items():
-            x = self.features(split, layer)
-            d, k = x.shape[1], len(idx)
-            theta = torch.stack([requests[i][1] for i in idx], dim=1)  # (D+1, K, C)
-            kc = k * c
-            # the K*C logit columns padded to a multiple of 16: MKL's float32 GEMMs with a
-            # skinny side of 10 (or 60) columns run up to 10x slower than with 16 (or 64);
-            # the padding columns have zero weights and a zero gradient
-            width = -(-kc // 16) * 16 if self.device.type == "cpu" else kc
-            wt = torch.zeros(width, d, dtype=theta.dtype, device=self.device)
-            wt[:kc] = theta[:d].reshape(d, kc).T
-            b = torch.zeros(width, dtype=theta.dtype, device=self.device)
-            b[:kc] = theta[d].reshape(kc)
-            gw = torch.zeros(d, width, dtype=theta.dtype, device=self.device) if grad else None
-            gb = torch.zeros(width, dtype=theta.dtype, device=self.device) if grad else None
-            loss = torch.zeros(k, dtype=torch.float64, device=self.device)
-            top1 = torch.zeros(k, dtype=torch.int64, device=self.device)
-            top5 = torch.zeros_like(top1)
-            rows = max(256, _BLOCK_BYTES // (width * theta.element_size()))
-            for r0 in range(0, n, rows):
-                xb = x[r0 : r0 + rows].to(self.dtype)
-                z = torch.addmm(b, xb, wt.T)  # (B, width)
-                logits = z[:, :kc].view(-1, k, c).transpose(0, 1)  # (K, B, C) view
-                _, ls, t1, t5 = softmax_xent(logits, y[r0 : r0 + rows], scale=1.0 / n,
-                                             grad=grad)
-                loss += ls.double()
-                top1 += t1
-                top5 += t5
-                if grad:  # z now holds the gradient w.r.t. the logits
-                    z[:, kc:].zero_()
-                    gw.addmm_(xb.T, z)
-                    gb.add_(z.sum(dim=0))
-            if grad:
-                g = torch.empty_like(theta)
-                g[:d].view(d, kc).copy_(gw[:, :kc])
-                g[d].view(kc).copy_(gb[:kc])
-            loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
-            for j, i in enumerate(idx):
+        nl = len(run)
+        if nl == 1:
+            x = self.features(split, run[0]).unsqueeze(0)  # (1, N, D)
+        else:
+            stack, first = self._stacks[(split, run[0])]
+            x = stack[first : first + nl]  # (L, N, D), a view
+        d, k = x.shape[2], len(by_layer[run[0]])
+        theta = torch.stack([torch.stack([requests[i][1] for i in by_layer[layer]], dim=1)
+                             for layer in run])  # (L, D+1, K, C)
+        kc = k * c
+        # the K*C logit columns padded: MKL's float32 GEMMs with a thin side of 10 (or 60)
+        # columns run up to 11x slower than with 16 (or 64); tensor cores want multiples of
+        # 8. The padding columns have zero weights and get a zero gradient.
+        pad = 16 if self.device.type == "cpu" else 8
+        width = -(-kc // pad) * pad
+        wt = torch.zeros(nl, width, d, dtype=theta.dtype, device=self.device)
+        wt[:, :kc] = theta[:, :d].reshape(nl, d, kc).transpose(1, 2)
+        b = torch.zeros(nl, 1, width, dtype=theta.dtype, device=self.device)
+        b[:, 0, :kc] = theta[:, d].reshape(nl, kc)
+        gw = torch.zeros(nl, d, width, dtype=theta.dtype, device=self.device) if grad else None
+        gb = torch.zeros(nl, width, dtype=theta.dtype, device=self.device) if grad else None
+        loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
+        top1 = torch.zeros(nl, k, dtype=torch.int64, device=self.device)
+        top5 = torch.zeros_like(top1)
+        rows = max(256, _BLOCK_BYTES // (nl * width * theta.element_size()))
+        for r0 in range(0, n, rows):
+            yb = y[r0 : r0 + rows]
+            if nl == 1:
+                xb = x[0, r0 : r0 + rows].to(self.dtype)  # (B, D)
+                z = torch.addmm(b[0], xb, wt[0].T).unsqueeze(0)  # (1, B, width)
+            else:
+                xb = x[:, r0 : r0 + rows].to(self.dtype)  # (L, B, D)
+                z = torch.baddbmm(b, xb, wt.transpose(1, 2))  # (L, B, width)
+            for j in range(nl):
+                logits = z[j, :, :kc].view(-1, k, c).transpose(0, 1)  # (K, B, C) view
+                _, ls, t1, t5 = self._xent(logits, yb, scale=1.0 / n, grad=grad)
+                loss[j] += ls.double()
+                top1[j] += t1
+                top5[j] += t5
+            if grad:  # z now holds the gradient w.r.t. the logits
+                z[:, :, kc:].zero_()
+                if nl == 1:
+                    gw[0].addmm_(xb.T, z[0])  # X^T dZ: MKL's fast orientation once padded
+                else:
+                    gw.baddbmm_(xb.transpose(1, 2), z)
+                gb += z.sum(dim=1)
+        if grad:
+            g = torch.empty_like(theta)
+            g[:, :d].copy_(gw[:, :, :kc].view(nl, d, k, c))
+            g[:, d].copy_(gb[:, :kc].view(nl, k, c))
+        loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
+        for j, layer in enumerate(run):
+            for m, i in enumerate(by_layer[layer]):
                 probe, params = requests[i]
-                f, gj = loss[j], None
+                f, gj = loss[j][m], None
                 if grad:
                     wj = params[:d]
                     f += 0.5 * probe.l2 * float((wj.double() ** 2).sum())
-                    gj = g[:, j].clone()
+                    gj = g[j, :, m].clone()
                     gj[:d].add_(wj, alpha=probe.l2)
-                out[i] = (f, gj, 1.0 - top1[j] / n, 1.0 - top5[j] / n)
-        return out
+                out[i] = (f, gj, 1.0 - top1[j][m] / n, 1.0 - top5[j][m] / n)
 
     def run(self, layers: list[str], on_layer, *, progress: bool) -> None:
         probes = []

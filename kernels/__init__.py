@@ -1,5 +1,30 @@
-"""CUDA kernel sources (.cu, shipped as package data) and their CuPy loaders.
+"""Kernels of the solver: CUDA sources (``.cu``, package data), their CuPy loaders, and the
+torch references with the same signatures.
 
-Empty until the fused softmax-cross-entropy kernel of the GPU solver lands (docs/design.md,
-section 5).
+``softmax_xent`` picks the fused CUDA kernel for CUDA tensors of a supported dtype when CuPy is
+installed, and the torch reference otherwise (CPU runs, float64, no CuPy).
 """
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda, reference
+
+__all__ = ["softmax_xent", "uses_cuda_kernel", "cuda", "reference"]
+
+
+def uses_cuda_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`softmax_xent` runs the fused CUDA kernel for logits on ``device``."""
+    return device.type == "cuda" and dtype in cuda.KERNELS and cuda.available()
+
+
+def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1.0,
+                 grad: bool = True, ignore_index: int = -1):
+    """Loss sums, hit counts and (in place) gradient of K probes' (K, B, C) logits; see
+    :func:`kernels.reference.softmax_xent` for the contract."""
+    if uses_cuda_kernel(logits.device, logits.dtype):
+        return cuda.softmax_xent(logits, labels, scale=scale, grad=grad,
+                                 ignore_index=ignore_index)
+    return reference.softmax_xent(logits, labels, scale=scale, grad=grad,
+                                  ignore_index=ignore_index)

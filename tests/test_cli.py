@@ -102,6 +102,7 @@ def test_solve_prints_the_table_and_saves_probes(tmp_path, capsys):
     assert cli.main(["solve", str(path), "--l2", "1e-3", "--quiet", "--run", "r1"]) == 0
     out = capsys.readouterr().out
     assert "top1_error" in out and "conv2_postpool" in out and "probes/r1" in out
+    assert "(cpu, torch loss kernel, float32 GEMMs)" in out
     results = engine.open_store(path).results("r1")
     assert set(results.table.layer) == {"conv2_postpool", "logits"}
     assert cli.main(["solve", str(path), "--solver", "sgd", "--epochs", "2", "--quiet",

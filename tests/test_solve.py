@@ -237,6 +237,97 @@ def test_layers_solved_together_equal_layers_solved_alone():
         assert f1 == pytest.approx(f2, rel=1e-6)
 
 
+def _same_width_problem(seed=7):
+    """Four layers, three of width 12 (stacked together when grouping) and one of 5."""
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(500) % 4)
+    xs = {name: (rng.normal(size=(4, d))[y] + scale * rng.normal(size=(500, d)))
+          .astype(np.float32) for name, d, scale in
+          (("p", 12, 1.0), ("q", 12, 2.0), ("r", 5, 1.0), ("s", 12, 0.5))}
+    return xs, y
+
+
+def _fitter(xs, y, group, grid=(1e-3,)):
+    data = solve_mod._from_mapping(xs, y, None)
+    fit = solve_mod._Fitter(data, torch.device("cpu"), torch.float32, grid, 500, 1e-6,
+                            group=group)
+    fit.load("train", data.layers)
+    return fit
+
+
+def test_layers_of_one_width_share_a_stack_and_batched_products():
+    xs, y = _same_width_problem()
+    fit = _fitter(xs, y, group=True, grid=(1e-3, 1e-1))
+    stack, i = fit._stacks[("train", "q")]
+    assert stack.shape == (3, 500, 12) and i == 1 and ("train", "r") not in fit._stacks
+    np.testing.assert_array_equal(fit.features("train", "s").numpy(), xs["s"])
+    alone = _fitter(xs, y, group=False, grid=(1e-3, 1e-1))
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for layer in ("p", "q", "r", "s"):
+        for lam in (1e-3, 1e-1):
+            theta = torch.randn(xs[layer].shape[1] + 1, 4, generator=gen)
+            requests.append((types.SimpleNamespace(layer=layer, l2=lam), theta))
+    # p, q, s ask for two probes each: one run of three stacked layers, and r alone
+    by_layer = {layer: [0, 1] for layer in ("p", "q", "r", "s")}
+    assert fit._runs("train", by_layer) == [["r"], ["p", "q", "s"]]
+    assert fit._runs("train", {"p": [0], "q": [1, 2], "s": [3]}) == [["p"], ["q"], ["s"]]
+    assert fit._runs("train", {"p": [0], "s": [1]}) == [["p"], ["s"]]  # not consecutive
+    got = fit.evaluate("train", requests, grad=True)
+    want = alone.evaluate("train", requests, grad=True)
+    for (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(got, want, strict=True):
+        assert f1 == pytest.approx(f2, rel=1e-6)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+        assert (e1, t1) == (e2, t2)
+
+
+def test_grouped_and_ungrouped_solves_reach_the_same_optimum():
+    xs, y = _same_width_problem(seed=8)
+    out = {}
+    for group in (False, True):
+        fit = _fitter(xs, y, group=group, grid=(1e-3, 1e-2))
+        records = {}
+        fit.run(list(xs), lambda layer, rec, r=records: r.update({layer: rec}), progress=False)
+        out[group] = records
+    for layer in xs:
+        a, b = out[False][layer], out[True][layer]
+        assert a["l2"] == b["l2"]
+        assert a["objective"] == pytest.approx(b["objective"], rel=1e-7)
+        np.testing.assert_allclose(a["W"], b["W"], rtol=1e-3, atol=1e-4)
+
+
+def test_results_say_how_each_layer_was_solved(store):
+    res = solve(store, layers=["1"], l2=1e-3, dtype="tf32", run="how")
+    assert res.backends == {"1": {"device": "cpu", "kernel": "torch", "matmul": "float32"}}
+    assert engine.load_results(store.path, run="how").backends == res.backends
+    res = solve({"a": np.eye(4, dtype=np.float32)}, labels=np.arange(4) % 2, l2=0.1,
+                dtype="float64")
+    assert res.backends["a"]["matmul"] == "float64"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, rel", [("float32", 1e-6), ("tf32", 1e-3)])
+def test_gpu_solve_matches_the_cpu_solve(dtype, rel):
+    import kernels
+
+    xs, y = _same_width_problem(seed=9)
+    cpu = solve(xs, labels=y, l2=1e-3, tol=1e-6)
+    gpu = solve(xs, labels=y, l2=1e-3, tol=1e-6, device="cuda", dtype=dtype)
+    for layer, x in xs.items():
+        assert gpu.backends[layer] == {
+            "device": "cuda:0", "kernel": "cuda" if kernels.cuda.available() else "torch",
+            "matmul": "tf32" if dtype == "tf32" else "float32"}
+        f_cpu = objective(x, y, *cpu.weights[layer], 1e-3)
+        f_gpu = objective(x, y, *gpu.weights[layer], 1e-3)
+        assert f_gpu == pytest.approx(f_cpu, rel=rel)
+    assert torch.get_float32_matmul_precision() == "highest"  # restored after tf32
+    sgd_cpu = solve({"train": xs, "valid": xs}, labels={"train": y, "valid": y}, l2=1e-3,
+                    solver="sgd", epochs=3)
+    sgd_gpu = solve({"train": xs, "valid": xs}, labels={"train": y, "valid": y}, l2=1e-3,
+                    solver="sgd", epochs=3, device="cuda")
+    np.testing.assert_allclose(sgd_gpu.error("valid"), sgd_cpu.error("valid"), atol=0.02)
+
+
 # -- 3. the gradient ---------------------------------------------------------------------
 @pytest.fixture
 def fitter(monkeypatch):

@@ -1,0 +1,166 @@
+"""CuPy loader of the fused softmax-cross-entropy kernel (``softmax_xent.cu``).
+
+The source ships as package data and is compiled by CuPy's ``RawModule`` (NVRTC) on first use,
+once per device; nothing is compiled at import, and CuPy itself is imported only then. Tensors
+stay torch tensors: the kernel reads and writes their memory in place (the small argument
+arrays cross to CuPy through DLPack, without a copy), on torch's current stream.
+
+A raw kernel trusts its pointers, so every launch first checks dtypes, devices, shapes and
+strides, and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "softmax_xent", "SOURCE", "KERNELS"]
+
+SOURCE = Path(__file__).with_name("softmax_xent.cu")
+#: kernel name per logits dtype (arithmetic is float32 for all three)
+KERNELS = {torch.float32: "softmax_xent_f32", torch.float16: "softmax_xent_f16",
+           torch.bfloat16: "softmax_xent_bf16"}
+WARPS_PER_BLOCK = 8  # as in the .cu
+_MAX_PROBES = 65_535  # grid.y
+
+
+@functools.cache
+def available() -> bool:
+    """True when CuPy imports and torch sees a CUDA device."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _module(device: int):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+
+
+@functools.cache
+def _function(device: int, name: str):
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return _module(device).get_function(name)
+
+
+def _as_probes(x: torch.Tensor | Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """(K, B, C) tensor, or K (B, C) tensors -> K (B, C) views."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim != 3:
+            raise ValueError(f"{what} must be (K, B, C) or a list of (B, C), got shape "
+                             f"{tuple(x.shape)}")
+        return list(x.unbind(0))
+    views = list(x)
+    if not views or any(not isinstance(v, torch.Tensor) or v.ndim != 2 for v in views):
+        raise ValueError(f"{what} must be (K, B, C) or a non-empty list of (B, C) tensors")
+    return views
+
+
+def _check_layout(views: list[torch.Tensor], what: str) -> None:
+    """Same shape, dtype and device for every probe; contiguous classes; one row stride."""
+    shape, dtype, device = views[0].shape, views[0].dtype, views[0].device
+    row = views[0].stride(0)
+    for k, v in enumerate(views):
+        if v.shape != shape or v.dtype != dtype or v.device != device:
+            raise ValueError(f"{what}[{k}] is {tuple(v.shape)} {v.dtype} on {v.device}, probe 0 "
+                             f"is {tuple(shape)} {dtype} on {device}: all must match")
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            raise ValueError(f"{what}[{k}]: classes must be contiguous (stride 1), got "
+                             f"strides {v.stride()}; pass .contiguous()")
+        if v.shape[0] > 1 and v.stride(0) != row:
+            raise ValueError(f"{what}: every probe needs the same row stride, got {row} and "
+                             f"{v.stride(0)} (probe {k})")
+
+
+def _table(views: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Device array of the K base addresses, and the common row stride (elements)."""
+    ptrs = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64,
+                        device=views[0].device)
+    return ptrs, views[0].stride(0)
+
+
+def softmax_xent(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    grad: bool = True,
+    ignore_index: int = -1,
+    out: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """The fused kernel; the signature of ``kernels.reference.softmax_xent``.
+
+    Args:
+        logits: (K, B, C) CUDA tensor (any probe and row strides, classes contiguous) or K
+            (B, C) tensors with a common row stride; float32, float16 or bfloat16.
+        labels: (B,) int64 on the same device; ``ignore_index`` rows count for nothing.
+        scale: the gradient is ``(softmax(logits) - onehot(labels)) * scale``.
+        grad: write the gradient (into ``out``, else over ``logits``).
+        out: where the gradient goes, shaped and typed like ``logits``.
+
+    Returns:
+        ``(gradient or None, loss_sum (K,) float64, top1_hits (K,) int64, top5_hits (K,)
+        int64)``; the gradient is ``out`` (or ``logits``) itself.
+    """
+    views = _as_probes(logits, "logits")
+    dtype, device = views[0].dtype, views[0].device
+    if dtype not in KERNELS:
+        raise ValueError(f"logits dtype {dtype} is not supported: use one of "
+                         f"{sorted(str(d) for d in KERNELS)}")
+    k = len(views)
+    b, c = views[0].shape
+    if k > _MAX_PROBES:
+        raise ValueError(f"{k} probes in one launch; at most {_MAX_PROBES}: split the call")
+    if labels.shape != (b,) or labels.dtype != torch.int64 or labels.device != device:
+        raise ValueError(f"labels must be ({b},) int64 on {device}, got {tuple(labels.shape)} "
+                         f"{labels.dtype} on {labels.device}")
+    _check_layout(views, "logits")
+    target = None
+    if grad:
+        target = views if out is None else _as_probes(out, "out")
+        if (len(target) != k or target[0].shape != (b, c) or target[0].dtype != dtype
+                or target[0].device != device):
+            raise ValueError(f"out must be {k} x ({b}, {c}) {dtype} on {device}, like logits")
+        _check_layout(target, "out")
+    if device.type != "cuda":
+        raise ValueError(f"logits are on {device}; the CUDA kernel needs CUDA tensors (CPU "
+                         f"runs use kernels.reference.softmax_xent)")
+    import cupy  # only now: CPU-only installs never need it
+
+    labels = labels.contiguous()
+    src, src_row = _table(views)
+    dst, dst_row = _table(target) if grad else (None, 0)
+    loss = torch.zeros(k, dtype=torch.float64, device=device)
+    top1 = torch.zeros(k, dtype=torch.int64, device=device)
+    top5 = torch.zeros(k, dtype=torch.int64, device=device)
+    if b and c:
+        rows_per_warp = 4 if b >= 4 * WARPS_PER_BLOCK * 1024 else 1
+        grid = (-(-b // (WARPS_PER_BLOCK * rows_per_warp)), k)
+        stream = torch.cuda.current_stream(device)
+        with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream,
+                                                                      device.index):
+            fn = _function(device.index, KERNELS[dtype])
+            null = cupy.uint64(0)
+            fn(grid, (32 * WARPS_PER_BLOCK,), (
+                cupy.from_dlpack(src), cupy.from_dlpack(dst) if grad else null,
+                cupy.from_dlpack(labels), cupy.int64(b), cupy.int32(c), cupy.int64(src_row),
+                cupy.int64(dst_row), cupy.int32(rows_per_warp), cupy.float32(scale),
+                cupy.int64(ignore_index), cupy.from_dlpack(loss), cupy.from_dlpack(top1),
+                cupy.from_dlpack(top5)))
+    result = None
+    if grad:
+        result = logits if out is None else out
+    return result, loss, top1, top5
