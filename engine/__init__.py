@@ -22,12 +22,14 @@ from .errors import (
     StoreMismatchError,
 )
 from .results import ProbeResults, load_results
+from .schedule import cluster
 from .solve import ProbeEngineWarning, solve
 from .store import Store, VerifyReport, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cluster",
     "DataError",
     "DatasetNotFoundError",
     "LabelNotFoundError",

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from kernels import softmax_xent, uses_cuda_kernel
 from kernels.reference import softmax_xent as reference_softmax_xent
 
+from . import schedule
 from ._devices import resolve_device
 from ._lbfgs import LBFGSState
 from ._precond import RANK, LowRankPreconditioner, top_eigenpairs
@@ -78,6 +79,7 @@ def solve(
     run: str = "default",
     allow_partial: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> ProbeResults:
     """Fit a softmax linear probe on every layer of ``source``.
 
@@ -109,6 +111,10 @@ def solve(
         run: name of the run: probes are saved to ``probes/<run>/<layer>`` in the store as
             each layer finishes, and a rerun of the same run skips finished layers.
         allow_partial: solve an incomplete store on its committed rows instead of refusing.
+        client: a ``distributed.Client`` (e.g. :func:`engine.cluster`): each layer is solved
+            on a worker, placed by cost N * D * C, which reads it from the store's path and
+            saves its probe there; the results equal a single-process solve's. Needs a store
+            on a filesystem every worker can read.
 
     Returns:
         :class:`ProbeResults`: ``.table`` has one row per (layer, split).
@@ -160,6 +166,25 @@ def solve(
         done = saved_layers(store, run)
     todo = [layer for layer in data.layers if layer not in done]
 
+    finished: dict[str, dict] = dict(done)
+    if client is not None:
+        if store is None:
+            raise ValueError("client= solves a store that every worker can open by its path; "
+                             "build one with engine.build_store, or pass no client")
+        if todo:
+            n = data.rows("train")
+            costs = {layer: float(n * data.dims[layer] * data.num_classes) for layer in todo}
+            kwargs = dict(label=label, solver=solver, l2=list(grid), max_iter=max_iter, tol=tol,
+                          early_stopping=early_stopping, epochs=epochs, patience=patience,
+                          lr=lr, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+                          run=run, allow_partial=allow_partial)
+            schedule.solve_on(client, store, todo, costs, kwargs, progress=progress)
+        finished = saved_layers(store, run)
+        missing = [layer for layer in data.layers if layer not in finished]
+        if missing:  # pragma: no cover - solve_on raises first
+            raise StoreError(f"layers {missing} have no saved probe after the Dask solve")
+        return _results(data, finished, config, run, store)
+
     arith = _DTYPES[dtype]
     tf32 = dtype == "tf32" and dev.type == "cuda"
     backend = {"device": str(dev), "kernel": "cuda" if uses_cuda_kernel(dev, arith) else "torch",
@@ -168,7 +193,6 @@ def solve(
     for split in data.splits:  # load and check now, not after hours of fitting
         if split != "train" or solver == "lbfgs":  # sgd streams train
             fit.load(split, todo)
-    finished: dict[str, dict] = dict(done)
 
     def on_layer(layer: str, record: dict) -> None:
         record["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -189,6 +213,11 @@ def solve(
                         progress=progress)
     finally:
         torch.set_float32_matmul_precision(precision)
+    return _results(data, finished, config, run, store)
+
+
+def _results(data: _Data, finished: dict[str, dict], config: dict, run: str,
+             store: Store | None) -> ProbeResults:
     info = {layer: data.info.get(layer, {}) for layer in data.layers}
     return ProbeResults.from_records(
         {layer: finished[layer] for layer in data.layers}, info, config=config,
