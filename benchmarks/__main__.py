@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import capture, kernel, solve
+from . import capture, kernel, scaling, solve
 
-BENCHMARKS = {"capture": capture, "solve": solve}
+BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling}
 GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
 
 
@@ -26,19 +26,19 @@ def main() -> None:
         for r in module.main(argv):
             if "ratio" in r:
                 rows.append((name, r["case"], r["ratio"], r["target"],
-                             "speedup" if "speedup" in r else "ours/peer"))
+                             r.get("kind") or ("speedup" if "speedup" in r else "ours/peer")))
             else:
                 rows.append((name, r["case"], r["slope"], r["target"], "slope"))
     print(f"\n{'benchmark':<10} {'case':<45} {'figure':>14}  target")
     for name, case, value, target, kind in rows:
         if target is None or isinstance(target, str):
             verdict = ""
-        elif kind == "speedup":
+        elif kind in ("speedup", "efficiency"):  # higher is better
             verdict = "ok" if value >= target else "MISSED"
         else:
             verdict = "ok" if value <= target else "MISSED"
         shown = f"{kind} {value:.2f}"
-        goal = "" if target is None else (f">= {target}" if kind == "speedup" else
+        goal = "" if target is None else (f">= {target}" if kind in ("speedup", "efficiency") else
                                           f"{target}" if isinstance(target, str) else
                                           f"<= {target}")
         print(f"{name:<10} {case:<45} {shown:>14}  {goal}  {verdict}")

@@ -74,6 +74,7 @@ def build_store(
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> Store:
     """Capture the activations of ``layers`` of ``model`` on ``data`` into a store at ``path``.
 
@@ -104,6 +105,10 @@ def build_store(
             config (anything else is refused, naming the difference).
         overwrite: replace an existing store at ``path``; never deletes anything that is not
             a probe-engine store.
+        client: a ``distributed.Client`` (e.g. :func:`engine.cluster`): the rows are cut into
+            whole blocks, one task each, and the workers run the model on their blocks and
+            write them into the store at ``path``, which all of them must reach (a shared
+            filesystem). The store equals a single-process build's.
 
     Returns:
         The :class:`Store`, complete.
@@ -159,10 +164,96 @@ def build_store(
         group = _reopen(path, meta) if existing else _create_root(path, meta)
         _ensure_arrays(group, meta, reductions, compressor)
         store_meta = dict(group.attrs[ATTR])
-        _capture(run, group, store_meta, splits, [s for s, _ in found], reductions, extras,
-                 dtype=dtype, sides=sides, batch_size=batch_size, nan_policy=nan_policy,
-                 progress=progress, path=path)
+        capture = dict(dtype=dtype, sides=sides, batch_size=batch_size, nan_policy=nan_policy)
+        sites_found = [s for s, _ in found]
+        if client is not None:
+            from . import schedule
+
+            schedule.build_on(client, path, group, store_meta, model, splits, sites_found,
+                              reductions, extras, capture=capture,
+                              runner=dict(device=device, autocast=autocast,
+                                          channels_last=channels_last), progress=progress)
+        else:
+            _remove_markers(path)  # of an unfinished Dask build: its blocks are redone here
+            _capture(run, group, store_meta, splits, sites_found, reductions, extras,
+                     progress=progress, path=path, **capture)
     return Store(path)
+
+
+# -- shard-parallel capture (engine.schedule.build_on drives it) --------------------------
+#: where the tasks of a Dask build mark their finished blocks; removed when the build ends
+_SHARDS = ".probe-engine-shards"
+
+
+def _shard_fs(path: str):
+    """(fsspec filesystem, marker folder) of the store at ``path``, a path or any URL."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, f"{root.rstrip('/')}/{_SHARDS}"
+
+
+def _marker(path: str, split: str, start: int, stop: int) -> str:
+    return f"{_shard_fs(path)[1]}/{split}/{start}-{stop}"
+
+
+def _marked(path: str, split: str, start: int, stop: int) -> bool:
+    return _shard_fs(path)[0].exists(_marker(path, split, start, stop))
+
+
+def _remove_markers(path: str) -> None:
+    fs, folder = _shard_fs(path)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def _capture_shard(path: str, model: nn.Module, splits: list[SplitSource], sites: list[Site],
+                   reductions: dict[str, Reduction], extras: dict, capture: dict,
+                   runner: dict, split: str, start: int, stop: int) -> dict:
+    """On a worker: capture rows [start, stop) (whole blocks) of ``split`` into the store
+    at ``path``; each block is marked done only once its arrays are written."""
+    group = zarr.open_group(_store._zarr_store(path, read_only=False), mode="r+")
+    meta = dict(group.attrs[ATTR])
+    t0 = time.perf_counter()
+
+    fs = _shard_fs(path)[0]
+
+    def mark(block: Block) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        marker = _marker(path, block.split, block.start, block.stop)
+        data = json.dumps({"max_label": int(block.arrays[f"{block.split}/labels/y"].max())})
+        fs.makedirs(marker.rpartition("/")[0], exist_ok=True)
+        if isinstance(fs, LocalFileSystem):  # all or nothing: write aside, then rename
+            fs.pipe_file(marker + ".tmp", data.encode())
+            fs.mv(marker + ".tmp", marker)
+        else:  # an object store's put is already all or nothing
+            fs.pipe_file(marker, data.encode())
+
+    run = _Runner(model, _resolve_device(model, runner["device"]), runner["autocast"],
+                  runner["channels_last"])
+    with run:
+        _capture(run, group, meta, splits, sites, reductions, extras, progress=False,
+                 path=path, ranges={split: (start, stop)}, on_commit=mark, **capture)
+    return {"split": split, "start": start, "stop": stop, "seconds": time.perf_counter() - t0,
+            "pid": os.getpid()}
+
+
+def _finish_shards(path: str, group: zarr.Group, meta: dict, splits: list[SplitSource]) -> None:
+    """Every block written: commit the splits in the root metadata as a single-process
+    build does, then drop the markers."""
+    fs, folder = _shard_fs(path)
+    for s in splits:
+        info = meta["splits"][s.name]
+        markers = [m for m in fs.glob(f"{folder}/{s.name}/*-*") if not m.endswith(".tmp")]
+        labels = [json.loads(fs.cat_file(m))["max_label"] for m in markers]
+        if labels:
+            info["max_label"] = max(info.get("max_label", -1), *labels)
+        info["rows_committed"] = s.rows
+    group.attrs.update({ATTR: meta})
+    if meta["dataset"]["num_classes"] is None:
+        _infer_num_classes(group, meta, splits)
+    _remove_markers(path)
 
 
 # -- set-up ------------------------------------------------------------------------------
@@ -359,11 +450,18 @@ class _Runner:
 def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSource],
              sites: list[Site], reductions: dict[str, Reduction], extras: dict, *, dtype: str,
              sides: tuple[str, ...], batch_size: int, nan_policy: str, progress: bool,
-             path: str) -> None:
+             path: str, ranges: dict[str, tuple[int, int]] | None = None,
+             on_commit: Any = None) -> None:
+    """Capture rows [start, stop) of each split (default: from ``rows_committed`` to the
+    end, committing each block in the root metadata; a shard task passes its own row range
+    of whole blocks and ``on_commit``)."""
     block_rows = meta["config"]["block_rows"]
     num_classes = meta["dataset"]["num_classes"]
-    todo = [s for s in splits if meta["splits"][s.name]["rows_committed"] < s.rows]
-    total = sum(s.rows - meta["splits"][s.name]["rows_committed"] for s in todo)
+    sharded = ranges is not None
+    if ranges is None:
+        ranges = {s.name: (meta["splits"][s.name]["rows_committed"], s.rows) for s in splits}
+    todo = [s for s in splits if s.name in ranges and ranges[s.name][0] < ranges[s.name][1]]
+    total = sum(ranges[s.name][1] - ranges[s.name][0] for s in todo)
     if not todo:
         return
     cuda = run.device.type == "cuda"
@@ -391,7 +489,7 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
                                 int(block.arrays[f"{block.split}/labels/y"].max()))
         group.attrs.update({ATTR: meta})
 
-    writer = BlockWriter(group, commit, lambda b: free.put(b.buffers))
+    writer = BlockWriter(group, on_commit or commit, lambda b: free.put(b.buffers))
     state: dict[str, Any] = {"bufs": None, "at": 0, "flags": [], "fired": 0}
 
     def sink(site: Site, t: torch.Tensor) -> None:
@@ -419,10 +517,10 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
     try:
         with hooked(run.model, _modules_of(sites), sides, sink):
             for split in todo:
-                start = meta["splits"][split.name]["rows_committed"]
+                start, stop = ranges[split.name]
                 batches = split.batches(start, batch_size, pin_memory=cuda)
-                for b0 in range(start, split.rows, block_rows):
-                    b1 = min(b0 + block_rows, split.rows)
+                for b0 in range(start, stop, block_rows):
+                    b1 = min(b0 + block_rows, stop)
                     bufs = _take(free, writer)
                     state["bufs"], state["at"], state["flags"] = bufs, 0, []
                     ybuf = bufs["label:y"]
@@ -459,10 +557,15 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
     finally:
         bar.close()
         writer.close()
-    if num_classes is None:  # inferred: the largest label seen anywhere + 1
-        n = 1 + max(info.get("max_label", -1) for info in meta["splits"].values())
-        for s in splits:
-            group[f"{s.name}/labels/y"].attrs["num_classes"] = n
+    if num_classes is None and not sharded:
+        _infer_num_classes(group, meta, splits)
+
+
+def _infer_num_classes(group: zarr.Group, meta: dict, splits: list[SplitSource]) -> None:
+    """num_classes not given nor known from the dataset: the largest label seen + 1."""
+    n = 1 + max(info.get("max_label", -1) for info in meta["splits"].values())
+    for s in splits:
+        group[f"{s.name}/labels/y"].attrs["num_classes"] = n
 
 
 def _take(free: queue.Queue, writer: BlockWriter) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -63,18 +64,49 @@ def _reduce_arg(values: list[str] | None):
     return out
 
 
+@contextlib.contextmanager
+def _client(args):
+    """The Dask client asked for by --workers N / --scheduler ADDRESS, or None."""
+    if args.workers is not None and args.scheduler:
+        raise SystemExit("--workers and --scheduler exclude each other: start a local cluster "
+                         "of N workers, or join the one at ADDRESS")
+    if args.scheduler:
+        from distributed import Client
+
+        with Client(args.scheduler) as client:
+            yield client
+    elif args.workers is not None:
+        if args.workers < 1:
+            raise SystemExit(f"--workers {args.workers}: give at least 1")
+        from .schedule import cluster
+
+        with cluster(args.workers) as client:
+            yield client
+    else:
+        yield None
+
+
+def _add_dask(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Dask (docs/scaling.md)")
+    g.add_argument("--workers", type=int, help="run on a local Dask cluster of N workers "
+                   "(one per GPU with dask-cuda)")
+    g.add_argument("--scheduler", help="run on the Dask cluster at ADDRESS (tcp://host:8786)")
+
+
 def _build(args) -> int:
     torch.manual_seed(args.seed)  # an untrained model is the same model on every run
     model = models.load_model(args.model, weights=args.weights, num_classes=args.num_classes)
     data = load_data(args.data, limit=args.limit, size=args.image_size)
     t0 = time.perf_counter()
-    store = build_store(
-        model, data, args.path, layers=args.layers or "auto", sites=tuple(args.sites),
-        reduce=_reduce_arg(args.reduce), max_features=args.max_features, dtype=args.dtype,
-        batch_size=args.batch_size, device=args.device, autocast=args.autocast,
-        channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
-        resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
-    )
+    with _client(args) as client:
+        store = build_store(
+            model, data, args.path, layers=args.layers or "auto", sites=tuple(args.sites),
+            reduce=_reduce_arg(args.reduce), max_features=args.max_features, dtype=args.dtype,
+            batch_size=args.batch_size, device=args.device, autocast=args.autocast,
+            channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
+            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
+            client=client,
+        )
     print(store.summary())
     print(f"built in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -91,13 +123,14 @@ def _l2_arg(values: list[str] | None):
 
 def _solve(args) -> int:
     t0 = time.perf_counter()
-    results = solve(
-        args.path, layers=args.layers, label=args.label, solver=args.solver,
-        l2=_l2_arg(args.l2), max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
-        patience=args.patience, lr=args.lr, early_stopping=not args.no_early_stopping,
-        device=args.device, dtype=args.dtype, run=args.run, allow_partial=args.allow_partial,
-        progress=not args.quiet,
-    )
+    with _client(args) as client:
+        results = solve(
+            args.path, layers=args.layers, label=args.label, solver=args.solver,
+            l2=_l2_arg(args.l2), max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
+            patience=args.patience, lr=args.lr, early_stopping=not args.no_early_stopping,
+            device=args.device, dtype=args.dtype, run=args.run,
+            allow_partial=args.allow_partial, progress=not args.quiet, client=client,
+        )
     print(results)
     ran = sorted({(b["device"], b["kernel"], b["matmul"])
                   for b in results.backends.values() if b}, key=str)
@@ -169,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing store")
     b.add_argument("--no-resume", action="store_true", help="refuse an existing store")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dask(b)
     b.set_defaults(func=_build)
 
     s = sub.add_parser("solve", help="fit a softmax probe on every layer of a store")
@@ -189,6 +223,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-partial", action="store_true",
                    help="solve an incomplete store on its committed rows")
     s.add_argument("--quiet", action="store_true")
+    _add_dask(s)
     s.set_defaults(func=_solve)
 
     i = sub.add_parser("info", help="summarise a store")

@@ -1,11 +1,18 @@
-"""Scale-out with Dask: probe-parallel solves over the workers of a ``distributed.Client``.
+"""Scale-out with Dask: shard-parallel capture and probe-parallel solves over the workers of
+a ``distributed.Client``.
 
-Every worker opens the store by its path (a filesystem all workers share), solves the layers
-it is given with the single-device solver and writes their probes; nothing but the layer
-names and the solve's arguments crosses the network. Layers are placed by cost, N * D_k * C
-(longest first onto the least-loaded worker, LPT). A task is idempotent: a layer whose probe
-is already saved is skipped, and one half-written by a worker that died is solved again, so
-Dask may re-run any task on any worker and the results stay those of a single-process solve.
+Every worker opens the store by its path (a filesystem all workers share). A build cuts each
+split's rows into whole row blocks, one task each: the worker runs the model on its block and
+writes its chunks, which no other task touches, then marks the block done; when every block
+is done the driver commits the splits in the root metadata, exactly as a single-process build
+leaves them. A solve submits one task per layer with its cost N * D_k * C as priority, so
+Dask hands the costliest layer left to whichever worker frees up first: longest first onto
+the least-loaded worker (LPT), the load being the measured one rather than an estimate.
+Each worker solves its layers with the single-device solver and saves their probes.
+
+Every task is idempotent (a marked block or a saved probe is skipped; half-written ones are
+written again), so Dask may re-run any task on any worker, after a worker dies for example,
+and the store and probes stay those of a single process.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 
 from .errors import ProbeEngineError
 
-__all__ = ["cluster", "place", "RETRIES"]
+__all__ = ["cluster", "RETRIES"]
 
 RETRIES = 2  # Dask re-runs a failing task this many times before its error is final
 
@@ -49,50 +56,47 @@ def cluster(n_workers: int | None = None, **kwargs: Any):
     return Client(LocalCluster(**kwargs))
 
 
-def place(costs: Mapping[str, float], workers: list[str]) -> dict[str, str]:
-    """layer -> worker: longest first onto the least-loaded worker (LPT; within 4/3 of the
-    best makespan). Ties go to the worker listed first, so the placement is deterministic."""
-    if not workers:
-        raise ProbeEngineError("the Dask cluster has no workers; start some, or pass no client")
-    load = dict.fromkeys(workers, 0.0)
-    out = {}
-    for layer in sorted(costs, key=lambda k: (-costs[k], k)):
-        w = min(workers, key=lambda w: load[w])
-        out[layer] = w
-        load[w] += costs[layer]
-    return out
+def _worker_threads() -> None:
+    """One Dask worker thread should not spin up every core's worth of torch threads."""
+    import torch
+    from distributed import get_worker
+
+    try:
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except ValueError:  # not in a worker
+        pass
 
 
 def _solve_task(path: str, layer: str, kwargs: dict) -> dict:
     """On a worker: solve one layer of the store at ``path`` into its run; returns timings."""
-    import torch
-    from distributed import get_worker
-
     from .solve import solve
 
-    try:  # one worker thread should not spin up every core's worth of torch threads
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
-    except ValueError:  # not in a worker (a synchronous client in tests)
-        pass
-    t0 = time.perf_counter()
+    _worker_threads()
+    start, t0 = time.time(), time.perf_counter()
     solve(path, layers=[layer], progress=False, **kwargs)
-    return {"layer": layer, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+    return {"layer": layer, "start": start, "seconds": time.perf_counter() - t0,
+            "pid": os.getpid()}
 
 
 def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwargs: dict,
              *, progress: bool = False) -> list[dict]:
-    """Solve ``layers`` of ``store`` on the workers of ``client`` (one task per layer, placed
-    by :func:`place`, free to move if its worker dies); returns the tasks' reports."""
+    """Solve ``layers`` of ``store`` on the workers of ``client``, one task per layer, the
+    costliest first; returns the tasks' reports.
+
+    Pinning layers to workers by their estimated costs (static LPT) was tried: iteration
+    counts vary several-fold between layers of one cost, and it reached a 2-worker
+    efficiency of 0.78 where this dynamic order reached 0.97 (benchmarks/RESULTS.md).
+    """
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    workers = sorted(client.scheduler_info()["workers"])
-    where = place({layer: costs[layer] for layer in layers}, workers)
+    workers = client.scheduler_info()["workers"]
+    if not workers:
+        raise ProbeEngineError("the Dask cluster has no workers; start some, or pass no client")
     futures = {
-        layer: client.submit(_solve_task, store.path, layer, kwargs, key=f"probe-{layer}-"
-                             f"{time.time_ns()}", workers=[where[layer]],
-                             allow_other_workers=True, retries=RETRIES, pure=False,
-                             priority=int(costs[layer]))
+        layer: client.submit(_solve_task, store.path, layer, kwargs,
+                             key=f"probe-{layer}-{time.time_ns()}", retries=RETRIES,
+                             pure=False, priority=int(costs[layer]))
         for layer in sorted(layers, key=lambda k: -costs[k])
     }
     with tqdm(total=len(futures), unit="layer", disable=not progress,
@@ -114,3 +118,62 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
             f"{store.path} are kept; fix the cause and run the same solve again to finish"
         ) from exc
     return reports
+
+
+def _shard_task(path: str, model: bytes, *args) -> dict:
+    import pickle
+
+    from .build import _capture_shard
+
+    _worker_threads()
+    # the model travels pickled by us: Dask's own torch serializer rebuilds a module's hook
+    # tables as plain dicts, on which torch can no longer register hooks
+    return _capture_shard(path, pickle.loads(model), *args)
+
+
+def build_on(client, path: str, group, meta: dict, model, splits, sites, reductions, extras, *,
+             capture: dict, runner: dict, progress: bool = False) -> None:
+    """Capture every uncommitted block of ``splits`` on the workers of ``client`` (one task
+    per block of ``config.block_rows`` rows), then commit the store."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    from .build import _finish_shards, _marked
+
+    block_rows = meta["config"]["block_rows"]
+    shards = [(s.name, b0, min(b0 + block_rows, s.rows)) for s in splits
+              for b0 in range(meta["splits"][s.name]["rows_committed"], s.rows, block_rows)]
+    if not shards:  # complete already: write nothing
+        return
+    todo = [sh for sh in shards if not _marked(path, *sh)]
+    if todo:
+        # the model and data go to every worker once, not with every task
+        import cloudpickle
+
+        shared = client.scatter([cloudpickle.dumps(model), splits, sites, reductions, extras],
+                                broadcast=True, hash=False)
+        stamp = time.time_ns()
+        futures = {
+            sh: client.submit(_shard_task, path, *shared, capture, runner, *sh,
+                              key=f"capture-{sh[0]}-{sh[1]}-{stamp}", retries=RETRIES,
+                              pure=False)
+            for sh in todo
+        }
+        with tqdm(total=sum(b - a for _, a, b in todo), unit="row", unit_scale=True,
+                  disable=not progress, desc=f"build on {len(client.scheduler_info()['workers'])}"
+                                             f" workers") as bar:
+            for fut in as_completed(list(futures.values())):
+                if fut.status == "finished":
+                    r = fut.result()
+                    bar.update(r["stop"] - r["start"])
+        failed = [(sh, fut.exception()) for sh, fut in futures.items()
+                  if fut.status != "finished"]
+        if failed:
+            (split, a, b), exc = failed[0]
+            others = f" (and {len(failed) - 1} more blocks)" if len(failed) > 1 else ""
+            raise ProbeEngineError(
+                f"capturing split {split!r}, rows {a}..{b}{others} on the Dask cluster failed "
+                f"after {RETRIES} retries: {type(exc).__name__}: {exc}. The blocks already "
+                f"written to {path} are kept; fix the cause and build again with resume=True"
+            ) from exc
+    _finish_shards(path, group, meta, splits)

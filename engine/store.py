@@ -104,7 +104,11 @@ def is_local(path: str | os.PathLike) -> bool:
 def _zarr_store(path: str | os.PathLike, *, read_only: bool):
     if is_local(path):
         return zarr.storage.LocalStore(Path(path), read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
+    # a local file:// URL goes through fsspec too (as on a shared mount); its folders are
+    # not created by the writes themselves
+    options = {"auto_mkdir": True} if str(path).startswith("file://") else None
+    return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only,
+                                             storage_options=options)
 
 
 def describe_path(path: str | os.PathLike) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import engine
@@ -108,3 +109,25 @@ def test_solve_prints_the_table_and_saves_probes(tmp_path, capsys):
     assert cli.main(["solve", str(path), "--solver", "sgd", "--epochs", "2", "--quiet",
                      "--run", "r2", "--l2", "1e-3"]) == 0
     assert engine.open_store(path).results("r2").config["solver"] == "sgd"
+
+
+def test_build_and_solve_on_a_local_dask_cluster(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    assert cli.main(["build", str(path), "--limit", "300", "--layers", "fc1_postact", "logits",
+                     "--quiet", "--workers", "2"]) == 0
+    single = tmp_path / "one.zarr"
+    assert cli.main(["build", str(single), "--limit", "300", "--layers", "fc1_postact",
+                     "logits", "--quiet"]) == 0
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(engine.open_store(path).read(split, "logits"),
+                                      engine.open_store(single).read(split, "logits"))
+    capsys.readouterr()
+    assert cli.main(["solve", str(path), "--l2", "1e-3", "--quiet", "--workers", "2"]) == 0
+    assert "fc1_postact" in capsys.readouterr().out
+    assert set(engine.open_store(path).results().table.layer) == {"fc1_postact", "logits"}
+
+
+def test_workers_and_scheduler_exclude_each_other(tmp_path):
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(["solve", str(tmp_path / "s.zarr"), "--workers", "2", "--scheduler",
+                  "tcp://127.0.0.1:8786"])

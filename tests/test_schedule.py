@@ -1,15 +1,19 @@
-"""engine.schedule: probe-parallel solves on a real ``distributed.LocalCluster`` (two worker
-processes, on the CPU): the same probes as a single-process solve, a worker killed midway,
-a task that keeps failing."""
+"""engine.schedule on a real ``distributed.LocalCluster`` (two worker processes, on the CPU):
+shard-parallel builds and probe-parallel solves give the store and probes of a single
+process, also when a worker is killed midway; a task that keeps failing ends in a clear
+error."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pytest
 import torch
@@ -17,7 +21,6 @@ from torch import nn
 
 import engine
 from engine.errors import ProbeEngineError
-from engine.schedule import place
 
 LAYERS = ["1", "2", "3", "4"]
 
@@ -61,15 +64,14 @@ def single(store, run):
         torch.set_num_threads(threads)
 
 
-def test_place_is_longest_first_onto_the_least_loaded_worker():
-    costs = {"a": 7, "b": 5, "c": 4, "d": 3, "e": 3, "f": 1}
-    where = place(costs, ["w1", "w2"])
-    assert where == {"a": "w1", "b": "w2", "c": "w2", "d": "w1", "e": "w2", "f": "w1"}
-    loads = {w: sum(costs[k] for k, v in where.items() if v == w) for w in ("w1", "w2")}
-    assert loads == {"w1": 11, "w2": 12}  # the best split of 23 is 11 / 12
-    assert place(costs, ["w1"]) == dict.fromkeys(costs, "w1")
-    with pytest.raises(ProbeEngineError, match="no workers"):
-        place(costs, [])
+def test_one_worker_takes_the_costliest_layers_first(store):
+    from engine import schedule
+
+    with engine.cluster(1) as one:
+        costs = {"1": 10.0, "2": 40.0, "3": 30.0, "4": 20.0}
+        kwargs = {k: v for k, v in SOLVE.items() if k != "progress"}
+        reports = schedule.solve_on(one, store, LAYERS, costs, dict(kwargs, run="order"))
+    assert [r["layer"] for r in sorted(reports, key=lambda r: r["start"])] == ["2", "3", "4", "1"]
 
 
 def test_distributed_solve_equals_the_single_process_solve(store, client):
@@ -135,3 +137,123 @@ def test_client_needs_a_store(client):
     with pytest.raises(ValueError, match="every worker can open"):
         engine.solve({"a": np.ones((4, 2), np.float32)}, labels=np.array([0, 1, 0, 1]),
                       l2=0.1, client=client)
+
+
+# -- builds ------------------------------------------------------------------------------
+class _Poisoned(nn.Module):
+    """An MLP whose forward fails on any batch holding row 300 of the training images (whose
+    pixels it recognises), on whatever worker, every time."""
+
+    def __init__(self, marker: torch.Tensor):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.register_buffer("marker", marker)
+
+    def forward(self, x):
+        if (x.flatten(1) == self.marker.flatten()).all(dim=1).any():
+            raise RuntimeError("poisoned row")
+        return self.body(x)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+BUILD = dict(layers="auto", dtype="float16", batch_size=32, block_bytes=1, progress=False)
+
+
+def _tree(path) -> dict:
+    """Every array of a store (as numpy) and every group's attributes."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    out = {"/": json.dumps(dict(root.attrs), sort_keys=True)}
+    for name, node in root.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            out[name] = (node[...], json.dumps(dict(node.attrs), sort_keys=True))
+        else:
+            out[name] = json.dumps(dict(node.attrs), sort_keys=True)
+    return out
+
+
+def _assert_same_store(a, b):
+    ta, tb = _tree(a), _tree(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        if isinstance(ta[name], tuple):
+            np.testing.assert_array_equal(ta[name][0], tb[name][0], err_msg=name)
+            assert ta[name][1] == tb[name][1], name
+        else:
+            assert ta[name] == tb[name], name
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_distributed_build_equals_the_single_process_build(fashion, mlp, client, tmp_path):
+    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    ours = engine.build_store(mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD)
+    assert one.meta["config"]["block_rows"] == 32  # 27 blocks: many tasks on two workers
+    _assert_same_store(one.path, ours.path)
+    assert ours.complete and ours.verify().ok
+    assert sorted(os.listdir(ours.path)) == sorted(os.listdir(one.path))  # no markers left
+    # idempotent: building it again writes nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in Path(ours.path).rglob("*") if p.is_file()}
+    engine.build_store(mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD)
+    assert mtimes == {p: p.stat().st_mtime_ns for p in Path(ours.path).rglob("*")
+                      if p.is_file()}
+
+
+def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, client, tmp_path):
+    pids = client.run(os.getpid)
+    box = {}
+
+    def go():
+        try:
+            box["store"] = engine.build_store(mlp, fashion, tmp_path / "dask.zarr",
+                                              client=client, **BUILD)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            box["err"] = exc
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        busy = [w for w, tasks in client.processing().items() if tasks]
+        if busy:
+            victim = pids[busy[0]]
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.01)
+    thread.join(timeout=300)
+    assert victim is not None and not thread.is_alive()
+    assert "err" not in box, box.get("err")
+    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    _assert_same_store(one.path, box["store"].path)
+    assert victim not in client.run(os.getpid).values()
+
+
+def test_a_block_that_keeps_failing_names_its_rows(fashion, client, tmp_path):
+    torch.manual_seed(0)
+    model = _Poisoned(fashion["train"][300][0])
+    path = tmp_path / "p.zarr"
+    with pytest.raises(ProbeEngineError, match=r"capturing split '(train|valid)', rows \d+\.\."
+                                              r"\d+ on the Dask cluster failed after 2 "
+                                              r"retries: RuntimeError: poisoned row"):
+        engine.build_store(model, fashion, path, client=client,
+                           **{**BUILD, "layers": ["body.1"]})
+    store = engine.open_store(path)
+    assert not store.complete  # nothing committed in the metadata, the other blocks marked
+    assert len(list((path / ".probe-engine-shards").rglob("*-*"))) >= 20
+
+
+def test_an_fsspec_url_store_builds_and_solves_on_the_cluster(fashion, mlp, client, tmp_path):
+    url = f"file://{tmp_path}/url.zarr"  # through fsspec, as an object store would be
+    ours = engine.build_store(mlp, fashion, url, client=client, **BUILD)
+    assert ours.path == url and ours.complete
+    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    _assert_same_store(one.path, tmp_path / "url.zarr")
+    res = engine.solve(url, client=client, layers=["1", "3"], **SOLVE)
+    assert list(res.weights) == ["1", "3"]
+    assert set(engine.load_results(url).weights) == {"1", "3"}

@@ -1,0 +1,95 @@
+"""Scaling benchmark: build and solve on a local Dask cluster of 1 and 2 workers, side by side.
+
+Workers are processes of one thread each (``engine.cluster``), so 2 workers use the two
+cores of the CI machine; speed-up = time(1 worker) / time(2 workers), efficiency = speed-up
+/ 2. Cluster start-up is outside the timings; scattering the model and data is inside.
+
+- build: the paper's MNIST convnet (10 sites, ``reduce="auto"``) on Fashion-MNIST rows.
+- solve: a problem with enough probes to share: the 16 hidden layers (256 units, ReLU) of a
+  seeded MLP on Fashion-MNIST, each probed at lambda 1e-4 to tol 1e-5.
+
+    python -m benchmarks.scaling [--quick] [--workers 1 2] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import engine
+from engine.datasets import ArrayDataset
+
+SOLVE = dict(l2=1e-4, tol=1e-5, max_iter=2000, device="cpu", progress=False)
+
+
+def _rows(n: int) -> dict:
+    train = engine.datasets.fashion_mnist("train")
+    sub = ArrayDataset(train.images[:n], train.targets[:n], train.classes, mean=train.mean,
+                       std=train.std)
+    return {"train": sub}
+
+
+def deep_mlp(depth: int = 16, width: int = 256) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(784, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--device", default="cpu", help="accepted for python -m benchmarks")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    build_rows, solve_rows = (4096, 3000) if args.quick else (16384, 10_000)
+    times: dict[str, dict[int, float]] = {"build": {}, "solve": {}}
+    with tempfile.TemporaryDirectory(prefix="probe-engine-scaling-") as tmp:
+        tmp = Path(tmp)
+        convnet = engine.models.mnist_convnet()
+        mlp = deep_mlp()
+        relus = [str(i) for i, m in enumerate(mlp) if isinstance(m, nn.ReLU)]
+        base = engine.build_store(mlp, _rows(solve_rows), tmp / "mlp.zarr", layers=relus,
+                                  dtype="float32", valid_size=0, progress=False)
+        for n in args.workers:
+            with engine.cluster(n) as client:
+                client.wait_for_workers(n)
+                t0 = time.perf_counter()
+                engine.build_store(convnet, _rows(build_rows), tmp / f"b{n}.zarr",
+                                   valid_size=0, progress=False, client=client)
+                times["build"][n] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                res = engine.solve(base, run=f"w{n}", client=client, **SOLVE)
+                times["solve"][n] = time.perf_counter() - t0
+                assert list(res.weights) == base.layers
+            print(f"{n} worker(s): build {times['build'][n]:.1f} s, solve "
+                  f"{times['solve'][n]:.1f} s", flush=True)
+    results = []
+    lo, hi = min(args.workers), max(args.workers)
+    for stage, t in times.items():
+        speedup = t[lo] / t[hi]
+        results.append({
+            "case": f"{stage} on {hi} vs {lo} worker(s)",
+            "rows": build_rows if stage == "build" else solve_rows,
+            "seconds": {str(k): round(v, 2) for k, v in t.items()},
+            "workers_speedup": round(speedup, 2), "efficiency": round(speedup / (hi / lo), 2),
+            "ratio": round(speedup / (hi / lo), 2), "kind": "efficiency",
+            "target": 0.8 if stage == "solve" else None})
+        print(results[-1], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "solve_layers": len(relus), "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
