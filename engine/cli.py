@@ -153,29 +153,36 @@ def _verify(args) -> int:
 
 
 def _demo(args) -> int:
-    """The main job on the embedded default data: the paper's MNIST convnet on
-    Fashion-MNIST, every probe site captured into a store."""
-    torch.manual_seed(args.seed)
-    model = models.mnist_convnet()
-    limit = 2000 if args.quick else None
-    data = load_data("fashion-mnist", limit=limit)
-    print(f"probe-engine demo: mnist_convnet on Fashion-MNIST "
-          f"({', '.join(f'{k} {len(v)}' for k, v in data.items())} images) -> {args.out}")
+    """The main job on the embedded default data: the paper's MNIST convnet on Fashion-MNIST,
+    probed at initialisation and after training, with its report."""
+    from .demo import run
+
     t0 = time.perf_counter()
-    store = build_store(model, data, args.out, overwrite=True, seed=args.seed,
-                        progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    print(store.summary())
-    report = store.verify()
-    print(report)
-    rows = sum(store.rows(s) for s in store.splits)
-    print(f"captured {rows} rows x {len(store.layers)} sites in {seconds:.1f} s "
-          f"({rows / seconds:.0f} rows/s)")
-    return 0 if report.ok else 1
+    print(f"probe-engine demo{' (quick)' if args.quick else ''}: mnist_convnet on "
+          f"Fashion-MNIST, at initialisation and after training -> {args.out}/", flush=True)
+    results, page = run(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet,
+                        log=lambda m: print(m, flush=True))
+    for state, res in results.items():
+        print(f"\n{state}:\n{res}")
+    print(f"\nreport: {page}\ndone in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import report
+
+    results = {}
+    for path in args.paths:
+        name = Path(path.rstrip("/")).name.removesuffix(".zarr")
+        results[name] = open_store(path).results(args.run)
+    page = report(results, args.out, title=args.title)
+    print(f"report: {page}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="probe-engine", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="capture a model's activations into a feature store")
@@ -234,9 +241,21 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.set_defaults(func=_verify)
 
-    d = sub.add_parser("demo", help="capture the paper's MNIST convnet on Fashion-MNIST")
-    d.add_argument("--out", default="demo.zarr")
-    d.add_argument("--quick", action="store_true", help="2,000 rows per split")
+    r = sub.add_parser("report", help="write the HTML / CSV / JSON / PNG report of solved "
+                       "stores", epilog="example: probe-engine report init.zarr trained.zarr "
+                       "--out report/  (one panel per store, in the order given)")
+    r.add_argument("paths", nargs="+", metavar="PATH", help="solved stores (model states)")
+    r.add_argument("--run", default="default", help="the solve run to report")
+    r.add_argument("--out", default="report", help="folder for index.html and the rest")
+    r.add_argument("--title")
+    r.set_defaults(func=_report)
+
+    d = sub.add_parser("demo", help="the paper's MNIST convnet on Fashion-MNIST, at "
+                       "initialisation and after training, with its report",
+                       epilog="example: probe-engine demo --quick --out /tmp/demo")
+    d.add_argument("--out", default="demo", help="folder for the two stores and report/")
+    d.add_argument("--quick", action="store_true",
+                   help="3,000 train and 1,000 test rows, one training epoch (about a minute)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)
@@ -244,12 +263,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 an error (one line on stderr; ``--debug`` for the traceback),
+    2 a usage error (from argparse)."""
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except ProbeEngineError as exc:
+    except (ProbeEngineError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
         print(f"probe-engine: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-__all__ = ["load_model", "mnist_convnet"]
+__all__ = ["load_model", "mnist_convnet", "train"]
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
@@ -82,3 +84,36 @@ def load_model(name: str, *, weights: str | None = None, num_classes: int | None
             state = state["state_dict"]
         model.load_state_dict(state)
     return model.eval()
+
+
+def train(model: nn.Module, dataset, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 64,
+          seed: int = 0, device: str | torch.device = "cpu", progress: bool = True
+          ) -> list[float]:
+    """Train ``model`` in place on ``dataset`` (``(input, label)`` items) with Adam and
+    cross-entropy, in a seeded shuffled order; leaves it in eval mode on its device.
+
+    Returns the mean training loss of each epoch.
+    """
+    from torch.utils.data import DataLoader
+
+    gen = torch.Generator().manual_seed(seed)
+    # a dataset that fetches whole batches (__getitems__, as engine.datasets' do) is collated
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
+                        collate_fn=(lambda b: b) if hasattr(dataset, "__getitems__") else None)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for x, y in tqdm(loader, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch",
+                         disable=not progress, leave=False):
+            x, y = x.to(device), torch.as_tensor(y).to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        losses.append(total / max(count, 1))
+    model.eval()
+    return losses

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pytest
 import torch
@@ -60,24 +62,39 @@ def test_weights_are_loaded_safely(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
-def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+def test_errors_are_one_line_and_exit_1_usage_errors_2(tmp_path, capsys):
     rc = cli.main(["build", str(tmp_path / "s.zarr"), "--limit", "64", "--layers", "conv9",
                    "--quiet"])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("probe-engine: error: no module named 'conv9'")
-    assert cli.main(["info", str(tmp_path / "nothing.zarr")]) == 2
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(["info", str(tmp_path / "nothing.zarr")]) == 1
     assert "not a probe-engine store" in capsys.readouterr().err
+    with pytest.raises(engine.ProbeEngineError, match="not a probe-engine store"):
+        cli.main(["--debug", "info", str(tmp_path / "nothing.zarr")])  # the traceback
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["solve"])  # no PATH
+    assert usage.value.code == 2
 
 
 def test_demo_quick(tmp_path, capsys):
-    out = tmp_path / "demo.zarr"
+    out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "0 problem(s)" in text and "rows/s" in text
-    store = engine.open_store(out)
-    assert len(store.layers) == 10 and store.complete
-    assert np.isfinite(store.read("test", "logits")).all()
+    assert f"report: {out / 'report' / 'index.html'}" in text
+    assert "init:" in text and "trained:" in text and "conv2_postpool" in text
+    for state in ("init", "trained"):
+        assert engine.open_store(out / f"{state}.zarr").complete
+    trained = engine.load_results(out / "trained.zarr", run="demo").error("test")
+    init = engine.load_results(out / "init.zarr", run="demo").error("test")
+    assert list(trained.index) == list(init.index) and len(trained) == 10
+    # sane numbers: training made the top of the network far better than the pixels
+    assert trained["logits"] < trained["input"] - 0.03
+    assert trained["input"] < 0.35 and 0 < trained["logits"]
+    assert init["input"] == pytest.approx(trained["input"], abs=0.03)  # same pixels
+    page = html.unescape((out / "report" / "index.html").read_text())
+    assert "the paper's finding" in page and "data:image/png;base64," in page
 
 
 def test_imagefolder_data(tmp_path):

@@ -1,0 +1,236 @@
+"""Reports: the probe errors per site as tables, the paper's figures and a monotonicity summary,
+written as CSV, JSON, PNG and one self-contained HTML page.
+
+``report(results, out)`` takes one :class:`ProbeResults` or several by model state (e.g.
+``{"init": r0, "trained": r1}``, or one per training checkpoint) and writes::
+
+    out/index.html      the tables and figures, images inlined: opens offline, mails whole
+    out/results.csv     one row per (state, layer, split)
+    out/results.json    the same plus the monotonicity summary and each run's config
+    out/errors.png      the paper's Fig. 3: error per site in network order, a panel per state
+    out/heatmap.png     test error, site x state (with three states or more: a sweep)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .results import ProbeResults
+
+__all__ = ["report", "monotonicity"]
+
+SPLITS = ("train", "valid", "test")
+
+
+def _states(results) -> dict[str, ProbeResults]:
+    if isinstance(results, ProbeResults):
+        return {"probes": results}
+    if isinstance(results, Mapping) and results and all(
+            isinstance(r, ProbeResults) for r in results.values()):
+        return {str(k): v for k, v in results.items()}
+    raise TypeError("report() takes a ProbeResults or a non-empty mapping of state name -> "
+                    "ProbeResults")
+
+
+def _split_for(table: pd.DataFrame) -> str:
+    """The split a report judges by: test, else valid, else train."""
+    have = set(table.split)
+    return next(s for s in ("test", "valid", "train") if s in have)
+
+
+def monotonicity(errors: pd.Series) -> dict:
+    """How far error falls monotonically with depth.
+
+    Args:
+        errors: error per site, in network order.
+
+    Returns:
+        ``steps`` (site-to-site steps), ``increases`` (steps where the error rose),
+        ``bumps`` (the sites where it rose, with the rise), ``spearman`` (rank correlation of
+        error with depth: -1 is a perfectly monotone fall), ``monotone`` (no increase).
+    """
+    e = errors.astype(float)
+    rises = [(str(site), float(e.iloc[i] - e.iloc[i - 1]))
+             for i, site in enumerate(e.index) if i and e.iloc[i] > e.iloc[i - 1]]
+    depth = pd.Series(np.arange(len(e)), index=e.index, dtype=float)
+    rho = float(e.corr(depth, method="spearman")) if len(e) > 1 and e.nunique() > 1 else 0.0
+    return {"steps": max(0, len(e) - 1), "increases": len(rises),
+            "bumps": [{"site": s, "rise": r} for s, r in rises],
+            "spearman": rho, "monotone": not rises}
+
+
+def _long_table(states: dict[str, ProbeResults]) -> pd.DataFrame:
+    frames = []
+    for state, res in states.items():
+        t = res.table.copy()
+        t.insert(0, "state", state)
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    n = len(states)
+    layers = max((list(r.table.layer.drop_duplicates()) for r in states.values()), key=len)
+    worst = max(float(r.table.top1_error.max()) for r in states.values())
+    top = min(1.0, 0.05 * math.ceil((worst * 1.1 + 0.02) / 0.05))  # one y-axis for all
+    width = max(6.0, 0.45 * len(layers) + 2.0)
+    fig = Figure(figsize=(width, 3.2 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, 1, sharey=True, squeeze=False)[:, 0]
+    styles = {"train": ("#4c72b0", ":"), "valid": ("#55a868", "--"), "test": ("#c44e52", "-")}
+    for ax, (state, res) in zip(axes, states.items(), strict=True):
+        t = res.table
+        for split in SPLITS:
+            part = t[t.split == split]
+            if part.empty:
+                continue
+            color, ls = styles[split]
+            x = [layers.index(layer) for layer in part.layer]
+            ax.plot(x, part.top1_error, ls, color=color, marker="o", ms=4, lw=1.5,
+                    label=f"{split} error")
+        ax.set_title(state, loc="left", fontsize=11, fontweight="bold")
+        ax.set_ylabel("top-1 error")
+        ax.set_ylim(0, top)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=35, ha="right", fontsize=9)
+        # above the axes, beside the title: never over the data
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8,
+                  frameon=False, borderaxespad=0.2)
+    axes[-1].set_xlabel("probe site, in network order")
+    fig.suptitle("Linear probe error per site", fontsize=12)
+    fig.savefig(path, dpi=110)
+
+
+def _heatmap(states: dict[str, ProbeResults], split: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    layers = max((list(r.table.layer.drop_duplicates()) for r in states.values()), key=len)
+    grid = np.full((len(layers), len(states)), np.nan)
+    for j, res in enumerate(states.values()):
+        err = res.error(split) if split in set(res.table.split) else res.error(_split_for(
+            res.table))
+        for layer, v in err.items():
+            grid[layers.index(layer), j] = v
+    fig = Figure(figsize=(max(5.0, 0.6 * len(states) + 3), 0.35 * len(layers) + 1.8),
+                 layout="constrained")
+    ax = fig.subplots()
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, aspect="auto", cmap="viridis_r", vmin=0, vmax=max(top, 1e-6))
+    for (i, j), v in np.ndenumerate(grid):  # the numbers, not only the shades
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.6 * top else "black")
+    ax.set_yticks(range(len(layers)), layers, fontsize=9)
+    ax.set_xticks(range(len(states)), list(states), rotation=35, ha="right", fontsize=9)
+    ax.set_xlabel("model state (training step)")
+    ax.set_ylabel("probe site")
+    fig.colorbar(im, ax=ax, label=f"{split} top-1 error")
+    ax.set_title(f"{split} error across training", loc="left", fontsize=11)
+    fig.savefig(path, dpi=110)
+
+
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _html(title: str, states: dict[str, ProbeResults], summary: dict, figures: list[Path],
+          notes: list[str]) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>{esc(title)}</title><style>"
+             "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;"
+             "padding:0 1em;color:#222}table{border-collapse:collapse;font-size:13px;"
+             "margin:.5em 0 1.5em}td,th{border-bottom:1px solid #ddd;padding:3px 9px;"
+             "text-align:right}th{background:#f4f4f4}td:first-child,th:first-child"
+             "{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"
+             "</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    for note in notes:
+        parts.append(f"<p>{esc(note)}</p>")
+    for fig in figures:
+        parts.append(f"<p><img alt='{esc(fig.stem)}' src='{_png(fig)}'></p>")
+    for state, res in states.items():
+        mono = summary[state]
+        split = mono["split"]
+        bumps = ", ".join(f"{b['site']} (+{b['rise']:.3f})" for b in mono["bumps"]) or "none"
+        parts.append(f"<h2>{esc(state)}</h2><p>On the <b>{split}</b> split the error rises "
+                     f"at {mono['increases']} of {mono['steps']} steps along the depth "
+                     f"(bumps: {esc(bumps)}); Spearman correlation of error with depth "
+                     f"{mono['spearman']:+.2f}.</p>")
+        wide = res.table.pivot_table(index="layer", columns="split", values="top1_error",
+                                     sort=False)
+        wide = wide[[s for s in SPLITS if s in wide.columns]]
+        info = res.table.drop_duplicates("layer").set_index("layer")[["dim", "l2"]]
+        shown = info.join(wide).reset_index()
+        parts.append(shown.to_html(index=False, float_format=lambda v: f"{v:.4f}",
+                                   border=0))
+    parts.append("<p><small>Written by probe-engine: results.csv and results.json beside "
+                 "this page hold every number.</small></p></body></html>")
+    return "\n".join(parts)
+
+
+def report(results, out: str | Path = "report", *, title: str | None = None,
+           notes: list[str] | None = None) -> Path:
+    """Write the report of ``results`` into the folder ``out``; returns ``out/index.html``.
+
+    Args:
+        results: a :class:`ProbeResults`, or a mapping of model state -> ProbeResults
+            (in display order), e.g. ``{"init": r0, "trained": r1}``.
+        out: folder, created if needed; existing report files in it are replaced.
+        title: the page title.
+        notes: paragraphs printed under the title (findings, caveats).
+    """
+    states = _states(results)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".probe-engine-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"cannot write the report into {out}: {exc.strerror or exc}; choose a "
+                      f"writable folder with out=") from exc
+    title = title or "probe-engine report"
+    table = _long_table(states)
+    table.to_csv(out / "results.csv", index=False)
+    summary = {}
+    for state, res in states.items():
+        split = _split_for(res.table)
+        summary[state] = {"split": split, **monotonicity(res.error(split))}
+    payload = {"title": title, "notes": notes or [], "monotonicity": summary,
+               "states": {state: {"config": res.config, "run": res.run, "path": res.path,
+                                  "backends": res.backends,
+                                  "table": res.table.to_dict(orient="records")}
+                          for state, res in states.items()}}
+    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2))
+    figures = [out / "errors.png"]
+    _errors_figure(states, figures[0])
+    if len(states) >= 3:
+        figures.append(out / "heatmap.png")
+        _heatmap(states, "test", figures[-1])
+    page = out / "index.html"
+    page.write_text(_html(title, states, summary, figures, notes or []))
+    return page
