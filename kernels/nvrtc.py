@@ -41,15 +41,19 @@ def compile_cubin(path: str | Path, arch: str = "sm_90") -> tuple[bytes, str]:
     try:
         opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in OPTIONS)]
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        # NVRTC writes into the buffers it is given: they must be fresh mutable memory. A
+        # `b" " * size` of size 1 (an empty log) is CPython's shared one-byte b" ", and
+        # writing into it breaks every later user of b" " in the process (torch.save's
+        # reader, for one)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
+        log = bytearray(size)
         check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        text = log.rstrip(b"\0").decode(errors="replace").strip()
+        text = bytes(log).rstrip(b"\0").decode(errors="replace").strip()
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"{path.name} does not compile for {arch}:\n{text}")
         size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
+        cubin = bytearray(size)
         check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin, text
+        return bytes(cubin), text
     finally:
         nvrtc.nvrtcDestroyProgram(prog)

@@ -37,6 +37,15 @@ def test_compiles_with_nvrtc_without_a_warning(source, arch):
         assert name.encode() in cubin  # extern "C": the names CuPy looks up
 
 
+def test_compiling_leaves_the_interpreter_intact(tmp_path):
+    """An empty log is one byte: NVRTC must not write it into CPython's shared b" "."""
+    nvrtc.compile_cubin(SOURCES[0], "sm_90")
+    assert bytes([32]) == b" " and b" "[0] == 32
+    torch.save({"w": torch.arange(32.0)}, tmp_path / "w.pt")  # what broke, before the fix
+    torch.testing.assert_close(torch.load(tmp_path / "w.pt", weights_only=True)["w"],
+                               torch.arange(32.0))
+
+
 def test_a_compile_error_or_warning_shows_in_the_log(tmp_path):
     warn = tmp_path / "warn.cu"
     warn.write_text('extern "C" __global__ void f(int* x) { int unused; x[0] = 1; }\n')
