@@ -21,15 +21,19 @@ from .errors import (
     StoreExistsError,
     StoreMismatchError,
 )
+from .report import report
 from .results import ProbeResults, load_results
 from .schedule import cluster
 from .solve import ProbeEngineWarning, solve
 from .store import Store, VerifyReport, open_store
+from .sweep import sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "cluster",
+    "report",
+    "sweep",
     "DataError",
     "DatasetNotFoundError",
     "LabelNotFoundError",

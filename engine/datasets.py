@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torchvision.datasets
 
 __all__ = [
+    "FASHION_COARSE",
+    "FASHION_COARSE_NAMES",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -302,6 +304,13 @@ def _download(cache: Path, split: str) -> tuple[Path, Path] | None:
     except Exception:  # any failure (usually: no network) just means "not found here"
         return None
     return _find_split(cache, split)
+
+
+#: Fashion-MNIST's ten classes in four coarse groups (index = fine label): tops (T-shirt,
+#: pullover, dress, coat, shirt), bottoms (trouser), footwear (sandal, sneaker, ankle boot),
+#: bags (bag); e.g. ``store.add_labels("coarse", lambda y: FASHION_COARSE[y])``
+FASHION_COARSE = np.array([0, 1, 0, 0, 0, 2, 0, 2, 3, 2])
+FASHION_COARSE_NAMES = ("tops", "bottoms", "footwear", "bags")
 
 
 def fashion_mnist(

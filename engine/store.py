@@ -20,7 +20,7 @@ import difflib
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,13 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import (
+    DataError,
     LabelNotFoundError,
     LayerNotFoundError,
     SplitNotFoundError,
     StoreCorruptedError,
     StoreError,
+    StoreExistsError,
 )
 
 __all__ = ["Store", "open_store", "FORMAT_VERSION", "VerifyReport"]
@@ -324,6 +326,56 @@ class Store:
                 arr[c * step : min((c + 1) * step, arr.shape[0])]
             except (ValueError, RuntimeError, OSError):
                 yield _chunk_key(arr, c)
+
+    def add_labels(self, name: str, labels, *, num_classes: int | None = None,
+                   overwrite: bool = False) -> None:
+        """Add a label array ``name`` to every split, beside ``y``, without a new capture:
+        another objective for the same features (the paper's section 3.6).
+
+        Args:
+            labels: ``callable(y) -> labels`` applied to each split's ``y`` (e.g.
+                ``lambda y: COARSE[y]``), or ``{split: (N,) ints}`` for every split.
+            num_classes: recorded like ``y``'s (default: the largest label + 1).
+            overwrite: replace an existing label array of that name (never ``y``).
+        """
+        if not name or "/" in name or name.startswith(".") or name == "y":
+            raise ValueError(f"label name {name!r}: give a plain name other than 'y'")
+        if not self.complete:
+            raise StoreError(f"{self.path} is not complete; finish the build (resume=True) "
+                             f"before adding labels")
+        values = {}
+        for split in self.splits:
+            y = self.labels(split)
+            if callable(labels):
+                v = labels(y)
+            elif isinstance(labels, Mapping) and split in labels:
+                v = labels[split]
+            else:
+                raise LabelNotFoundError(f"no {name!r} labels for split {split!r}: pass a "
+                                         f"callable, or a mapping with every split "
+                                         f"{self.splits}")
+            v = np.asarray(v)
+            if v.shape != y.shape or not np.issubdtype(v.dtype, np.integer) or (
+                    v.size and v.min() < 0):
+                raise DataError(f"labels {name!r} of split {split!r}: need {y.shape[0]} "
+                                f"non-negative integers, got shape {v.shape} {v.dtype}")
+            values[split] = v.astype(np.int64)
+        if name in self.label_names() and not overwrite:
+            raise StoreExistsError(f"label {name!r} is already in {self.path}; pass "
+                                   f"overwrite=True to replace it")
+        top = max((int(v.max()) for v in values.values() if v.size), default=-1)
+        n_classes = int(num_classes) if num_classes is not None else top + 1
+        if top >= n_classes:
+            raise DataError(f"labels {name!r} reach {top}, beyond num_classes={n_classes}")
+        group = zarr.open_group(_zarr_store(self.path, read_only=False), mode="r+")
+        codecs = compressors(self.meta["config"].get("compressor", "lz4"))
+        for split, v in values.items():
+            arr = group.create_array(
+                f"{split}/labels/{name}", shape=v.shape, dtype="int64",
+                chunks=(self.meta["config"]["block_rows"],), fill_value=-1,
+                dimension_names=("row",), attributes={"num_classes": n_classes},
+                compressors=codecs, overwrite=True)
+            arr.with_config({"write_empty_chunks": True})[:] = v
 
     def results(self, run: str = "default"):
         """The probes and metrics of a saved solve ``run`` (:func:`engine.load_results`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import engine
@@ -103,3 +104,39 @@ def test_fsspec_url_store_builds_resumes_and_verifies(fashion, convnet):
     with pytest.raises(engine.StoreExistsError):
         engine.build_store(convnet, fashion, url, resume=False, **kw)
     engine.build_store(convnet, fashion, url, overwrite=True, **kw)
+
+
+def test_a_second_label_set_needs_no_new_capture(tmp_path, fashion):
+    from torch import nn
+
+    from engine.datasets import FASHION_COARSE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    store = engine.build_store(model, fashion, tmp_path / "s.zarr", layers=["2"],
+                               progress=False)
+    features = {p: p.stat().st_mtime_ns for p in (tmp_path / "s.zarr").rglob("*")
+                if "features" in p.parts and p.is_file()}
+    store.add_labels("coarse", lambda y: FASHION_COARSE[y])
+    assert store.label_names() == ["coarse", "y"]
+    for split in store.splits:
+        np.testing.assert_array_equal(store.labels(split, "coarse"),
+                                      FASHION_COARSE[store.labels(split)])
+    assert store.num_classes("coarse") == 4
+    assert store.verify().ok
+    assert features == {p: p.stat().st_mtime_ns for p in features}  # no new capture
+    res = engine.solve(store, label="coarse", l2=1e-3, run="coarse", progress=False,
+                       device="cpu")
+    fine = engine.solve(store, l2=1e-3, run="fine", progress=False, device="cpu")
+    assert res.config["num_classes"] == 4
+    assert res.error("test")["2"] < fine.error("test")["2"]  # four groups: an easier task
+    with pytest.raises(engine.StoreExistsError, match="already in"):
+        store.add_labels("coarse", lambda y: y % 2)
+    store.add_labels("coarse", lambda y: y % 2, overwrite=True)
+    assert store.num_classes("coarse") == 2
+    with pytest.raises(ValueError, match="other than 'y'"):
+        store.add_labels("y", lambda y: y)
+    with pytest.raises(engine.DataError, match="non-negative integers"):
+        store.add_labels("bad", lambda y: y - 100)
+    with pytest.raises(engine.LabelNotFoundError, match="every split"):
+        store.add_labels("partial", {"train": store.labels("train")})
