@@ -103,21 +103,22 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
               desc=f"solve on {len(workers)} workers") as bar:
         for _ in as_completed(list(futures.values())):
             bar.update(1)
-    reports, failed = [], []
-    for layer, fut in futures.items():
-        if fut.status == "finished":
-            reports.append(fut.result())
-        else:
-            failed.append((layer, fut.exception()))
+    _raise_failed(futures, lambda layer: f"solving layer {layer!r}", "layers",
+                  f"The probes already saved in {store.path} are kept; fix the cause and run "
+                  f"the same solve again to finish")
+    return [fut.result() for fut in futures.values()]
+
+
+def _raise_failed(futures: dict, name, plural: str, advice: str) -> None:
+    """The first of the tasks that failed for good (Dask's retries spent), as one error."""
+    failed = [(item, fut.exception()) for item, fut in futures.items()
+              if fut.status != "finished"]
     if failed:
-        layer, exc = failed[0]
-        others = f" (and {len(failed) - 1} more layers)" if len(failed) > 1 else ""
+        item, exc = failed[0]
+        others = f" (and {len(failed) - 1} more {plural})" if len(failed) > 1 else ""
         raise ProbeEngineError(
-            f"solving layer {layer!r}{others} on the Dask cluster failed after {RETRIES} "
-            f"retries: {type(exc).__name__}: {exc}. The probes already saved in "
-            f"{store.path} are kept; fix the cause and run the same solve again to finish"
-        ) from exc
-    return reports
+            f"{name(item)}{others} on the Dask cluster failed after {RETRIES} retries: "
+            f"{type(exc).__name__}: {exc}. {advice}") from exc
 
 
 def _shard_task(path: str, model: bytes, *args) -> dict:
@@ -166,14 +167,7 @@ def build_on(client, path: str, group, meta: dict, model, splits, sites, reducti
                 if fut.status == "finished":
                     r = fut.result()
                     bar.update(r["stop"] - r["start"])
-        failed = [(sh, fut.exception()) for sh, fut in futures.items()
-                  if fut.status != "finished"]
-        if failed:
-            (split, a, b), exc = failed[0]
-            others = f" (and {len(failed) - 1} more blocks)" if len(failed) > 1 else ""
-            raise ProbeEngineError(
-                f"capturing split {split!r}, rows {a}..{b}{others} on the Dask cluster failed "
-                f"after {RETRIES} retries: {type(exc).__name__}: {exc}. The blocks already "
-                f"written to {path} are kept; fix the cause and build again with resume=True"
-            ) from exc
+        _raise_failed(futures, lambda sh: f"capturing split {sh[0]!r}, rows {sh[1]}..{sh[2]}",
+                      "blocks", f"The blocks already written to {path} are kept; fix the "
+                      f"cause and build again with resume=True")
     _finish_shards(path, group, meta, splits)

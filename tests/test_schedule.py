@@ -91,13 +91,15 @@ def test_distributed_solve_equals_the_single_process_solve(store, client):
     assert again.table[cols].equals(ours.table[cols])
 
 
-def test_a_worker_killed_midway_changes_nothing(store, client):
+def run_killing_a_worker(client, job):
+    """Run ``job()`` in a thread, SIGKILL the process of the first worker seen executing a
+    task, and return (job's result, the killed pid); the job must still succeed."""
     pids = client.run(os.getpid)
     box = {}
 
     def go():
         try:
-            box["res"] = engine.solve(store, run="kill", client=client, **SOLVE)
+            box["out"] = job()
         except BaseException as exc:  # noqa: BLE001 - reported below
             box["err"] = exc
 
@@ -105,19 +107,25 @@ def test_a_worker_killed_midway_changes_nothing(store, client):
     thread.start()
     victim = None
     deadline = time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline:
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
         busy = [w for w, tasks in client.processing().items() if tasks]
         if busy:
             victim = pids[busy[0]]
             os.kill(victim, signal.SIGKILL)
-        time.sleep(0.05)
+        time.sleep(0.01)
     thread.join(timeout=300)
     assert victim is not None and not thread.is_alive()
     assert "err" not in box, box.get("err")
+    assert victim not in client.run(os.getpid).values()  # the nanny started a new one
+    return box["out"], victim
+
+
+def test_a_worker_killed_midway_changes_nothing(store, client):
+    res, _ = run_killing_a_worker(
+        client, lambda: engine.solve(store, run="kill", client=client, **SOLVE))
     one = single(store, "one")
     for layer in LAYERS:
-        np.testing.assert_array_equal(box["res"].weights[layer][0], one.weights[layer][0])
-    assert victim not in client.run(os.getpid).values()  # the nanny started a new one
+        np.testing.assert_array_equal(res.weights[layer][0], one.weights[layer][0])
 
 
 def test_a_task_that_keeps_failing_names_its_layer(store, client):
@@ -206,32 +214,10 @@ def test_distributed_build_equals_the_single_process_build(fashion, mlp, client,
 
 
 def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, client, tmp_path):
-    pids = client.run(os.getpid)
-    box = {}
-
-    def go():
-        try:
-            box["store"] = engine.build_store(mlp, fashion, tmp_path / "dask.zarr",
-                                              client=client, **BUILD)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            box["err"] = exc
-
-    thread = threading.Thread(target=go)
-    thread.start()
-    victim = None
-    deadline = time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline and thread.is_alive():
-        busy = [w for w, tasks in client.processing().items() if tasks]
-        if busy:
-            victim = pids[busy[0]]
-            os.kill(victim, signal.SIGKILL)
-        time.sleep(0.01)
-    thread.join(timeout=300)
-    assert victim is not None and not thread.is_alive()
-    assert "err" not in box, box.get("err")
+    store, _ = run_killing_a_worker(client, lambda: engine.build_store(
+        mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD))
     one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
-    _assert_same_store(one.path, box["store"].path)
-    assert victim not in client.run(os.getpid).values()
+    _assert_same_store(one.path, store.path)
 
 
 def test_a_block_that_keeps_failing_names_its_rows(fashion, client, tmp_path):
