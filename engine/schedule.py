@@ -85,7 +85,7 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
 
     Pinning layers to workers by their estimated costs (static LPT) was tried: iteration
     counts vary several-fold between layers of one cost, and it reached a 2-worker
-    efficiency of 0.78 where this dynamic order reached 0.97 (benchmarks/RESULTS.md).
+    efficiency of 0.78 where this dynamic order reached 0.91-0.98 (benchmarks/RESULTS.md).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
