@@ -26,11 +26,11 @@ demo: $(VENV)/.installed data
 	$(PY) -m engine.cli demo
 
 test: $(VENV)/.installed-dev data
-	$(PY) -m ruff check engine kernels benchmarks tests
+	$(PY) -m ruff check engine kernels benchmarks examples tests
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check engine kernels benchmarks tests
+	$(PY) -m ruff check engine kernels benchmarks examples tests
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks
