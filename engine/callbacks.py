@@ -1,0 +1,103 @@
+"""Probes during training: a Lightning 2 callback (``lightning`` is imported only here).
+
+``ProbeMonitor`` is the modern counterpart of lightning-bolts' ``SSLOnlineEvaluator`` (which
+pins pytorch-lightning < 2.0): every ``every_n_epochs`` it captures a fixed held-out set at
+the chosen layers, fits a softmax probe per layer with :func:`engine.solve` and logs each
+layer's errors to the trainer's logger, without touching the model's gradients or its
+training mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .capture import hooked, select_modules
+from .reduce import resolve_reduction
+from .solve import solve
+
+__all__ = ["ProbeMonitor"]
+
+
+def _collate(batch):
+    return batch if not isinstance(batch, list) else torch.utils.data.default_collate(batch)
+
+
+class ProbeMonitor(lightning.Callback):
+    """Fit and log a linear probe per layer every ``every_n_epochs`` training epochs.
+
+    Args:
+        layers: module names, globs or types, as for :func:`engine.build_store`.
+        data: ``{"train": dataset, "valid": dataset}`` of ``(input, int label)`` items, held
+            out from the model's training; the probes fit on ``train`` and are judged (and
+            their lambda chosen) on ``valid``.
+        every_n_epochs: how often.
+        reduce, max_features: per-layer reduction, as for ``build_store`` (``"auto"``).
+        solve_kwargs: for :func:`engine.solve` (default ``l2="auto"``, the model's device).
+        prefix: logged names are ``<prefix>/<layer>/<split>_error`` (top-1).
+
+    After each probe round, ``history[epoch]`` holds the results table.
+    """
+
+    def __init__(self, layers: Any, data: Mapping[str, Any], *, every_n_epochs: int = 1,
+                 reduce: str = "auto", max_features: int = 8192, batch_size: int = 256,
+                 solve_kwargs: Mapping[str, Any] | None = None, prefix: str = "probe"):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, not {every_n_epochs}")
+        if set(data) != {"train", "valid"}:
+            raise ValueError(f"data needs exactly a 'train' and a 'valid' dataset, got "
+                             f"{sorted(data)}")
+        self.layers, self.data, self.every_n_epochs = layers, dict(data), every_n_epochs
+        self.reduce, self.max_features, self.batch_size = reduce, max_features, batch_size
+        self.solve_kwargs = dict(solve_kwargs or {})
+        self.prefix = prefix
+        self.history: dict[int, pd.DataFrame] = {}
+        self._reductions: dict = {}
+
+    @torch.no_grad()
+    def _capture(self, model: torch.nn.Module, dataset) -> tuple[dict[str, np.ndarray],
+                                                                   np.ndarray]:
+        device = next(model.parameters()).device
+        modules = select_modules(model, self.layers)
+        feats: dict[str, list[torch.Tensor]] = {}
+
+        def sink(site, t: torch.Tensor) -> None:
+            red = self._reductions.get(site.key)
+            if red is None:
+                red = self._reductions[site.key] = resolve_reduction(
+                    self.reduce, tuple(t.shape[1:]), key=site.key,
+                    max_features=self.max_features, seed=0, strict=False)
+            feats.setdefault(site.key, []).append(red(t.detach()).float().cpu())
+
+        labels = []
+        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=_collate)
+        with hooked(model, modules, ("output",), sink):  # eval mode, restored on exit
+            for x, y in loader:
+                model(x.to(device))
+                labels.append(torch.as_tensor(y))
+        return ({k: torch.cat(v).numpy() for k, v in feats.items()},
+                torch.cat(labels).numpy())
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer,
+                           pl_module: lightning.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if trainer.sanity_checking or (epoch + 1) % self.every_n_epochs:
+            return
+        features, labels = {}, {}
+        for split, ds in self.data.items():
+            features[split], labels[split] = self._capture(pl_module, ds)
+        kwargs = {"l2": "auto", "device": str(pl_module.device), "progress": False,
+                  **self.solve_kwargs}
+        res = solve(features, labels=labels, **kwargs)
+        self.history[epoch] = res.table
+        for row in res.table.itertuples():
+            pl_module.log(f"{self.prefix}/{row.layer}/{row.split}_error",
+                          float(row.top1_error), on_epoch=True, on_step=False)
+
+
