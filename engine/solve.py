@@ -427,10 +427,16 @@ class _Fitter:
             target = self._target_dtype(
                 len(group) * n * width * torch.finfo(self.dtype).bits // 8, first.dtype)
             stack = torch.empty(len(group), n, width, dtype=target, device=self.device)
-            for i, layer in enumerate(group):
-                stack[i].copy_(first if i == 0 else self.data.read(split, layer))
+            i = 0
+            for layer in group:
+                src = first if layer == group[0] else self.data.read(split, layer)
+                if target != self.dtype and src.dtype != target:  # stored kept: never narrow
+                    self._resident[(split, layer)] = src.to(self.device)
+                    continue
+                stack[i].copy_(src)
                 self._resident[(split, layer)] = stack[i]
                 self._stacks[(split, layer)] = (stack, i)
+                i += 1
 
     def features(self, split: str, layer: str) -> torch.Tensor:
         """(N, D) features on the device: in the arithmetic dtype when that fits in a third

@@ -281,6 +281,20 @@ def test_layers_of_one_width_share_a_stack_and_batched_products():
         assert (e1, t1) == (e2, t2)
 
 
+def test_a_stack_kept_as_stored_never_narrows_a_wider_layer(monkeypatch):
+    monkeypatch.setattr(solve_mod, "_free_bytes", lambda device: 0)  # nothing fits upcast
+    rng = np.random.default_rng(3)
+    y = rng.permutation(np.arange(200) % 4)
+    xs = {"a": rng.normal(size=(200, 12)).astype(np.float16),
+          "b": rng.normal(size=(200, 12)).astype(np.float32),
+          "c": rng.normal(size=(200, 12)).astype(np.float16)}
+    fit = _fitter(xs, y, group=True)
+    assert fit.features("train", "b").dtype == torch.float32  # its own tensor, not narrowed
+    np.testing.assert_array_equal(fit.features("train", "b").numpy(), xs["b"])
+    stack, i = fit._stacks[("train", "c")]
+    assert stack.dtype == torch.float16 and i == 1 and ("train", "b") not in fit._stacks
+
+
 def test_grouped_and_ungrouped_solves_reach_the_same_optimum():
     xs, y = _same_width_problem(seed=8)
     out = {}
