@@ -145,10 +145,7 @@ def cases(quick: bool, device: str) -> list[Case]:
         train, test = (engine.datasets.fashion_mnist("train"),
                        engine.datasets.fashion_mnist("test"))
         if quick:
-            train = ArrayDataset(train.images[:8192], train.targets[:8192], train.classes,
-                                 mean=train.mean, std=train.std)
-            test = ArrayDataset(test.images[:2048], test.targets[:2048], test.classes,
-                                mean=test.mean, std=test.std)
+            train, test = train.subset(0, 8192), test.subset(0, 2048)
         torch.manual_seed(0)
         out.append(Case("mnist_convnet/10 sites/auto", engine.models.mnist_convnet(),
                         {"train": train, "test": test}, {"reduce": "auto"}, 256, 1.3))

@@ -23,16 +23,12 @@ import torch
 from torch import nn
 
 import engine
-from engine.datasets import ArrayDataset
 
 SOLVE = dict(l2=1e-4, tol=1e-5, max_iter=2000, device="cpu", progress=False)
 
 
 def _rows(n: int) -> dict:
-    train = engine.datasets.fashion_mnist("train")
-    sub = ArrayDataset(train.images[:n], train.targets[:n], train.classes, mean=train.mean,
-                       std=train.std)
-    return {"train": sub}
+    return {"train": engine.datasets.fashion_mnist("train").subset(0, n)}
 
 
 def deep_mlp(depth: int = 16, width: int = 256) -> nn.Sequential:

@@ -34,7 +34,6 @@ from sklearn.linear_model import LogisticRegression
 
 import engine
 from engine._lbfgs import LBFGSState
-from engine.datasets import ArrayDataset
 from engine.solve import _DTYPES, _Fitter, _from_mapping, _from_store, _Probe
 
 L2 = 1e-4
@@ -56,9 +55,8 @@ def make_store(path: Path, rows: int) -> engine.Store:
     torch.manual_seed(0)
     model = engine.models.mnist_convnet()
     train = engine.datasets.fashion_mnist("train")
-    sub = ArrayDataset(train.images[:rows], train.targets[:rows], train.classes,
-                       mean=train.mean, std=train.std)
-    return engine.build_store(model, {"train": sub}, path, valid_size=0, progress=False)
+    return engine.build_store(model, {"train": train.subset(0, rows)}, path, valid_size=0,
+                              progress=False)
 
 
 def sklearn_layers(store, layers) -> tuple[float, dict]:

@@ -19,14 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .capture import hooked, select_modules
+from .datasets import collate
 from .reduce import resolve_reduction
 from .solve import solve
 
 __all__ = ["ProbeMonitor"]
-
-
-def _collate(batch):
-    return batch if not isinstance(batch, list) else torch.utils.data.default_collate(batch)
 
 
 class ProbeMonitor(lightning.Callback):
@@ -76,7 +73,7 @@ class ProbeMonitor(lightning.Callback):
             feats.setdefault(site.key, []).append(red(t.detach()).float().cpu())
 
         labels = []
-        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=_collate)
+        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate)
         with hooked(model, modules, ("output",), sink):  # eval mode, restored on exit
             for x, y in loader:
                 model(x.to(device))

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torchvision.datasets
 
 __all__ = [
+    "collate",
     "synthetic_image_folder",
     "FASHION_COARSE",
     "FASHION_COARSE_NAMES",
@@ -179,6 +180,14 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._images.shape[0])
 
+    def subset(self, start: int, stop: int | None = None) -> ArrayDataset:
+        """Rows [start, stop) as a dataset of their own, with the same classes and
+        normalisation; its ``source`` says where they came from."""
+        rows = slice(start, stop)
+        return ArrayDataset(self._images[rows], self.targets[rows], self.classes,
+                            mean=self.mean, std=self.std,
+                            source=f"{self.source}[{start}:{'' if stop is None else stop}]")
+
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32) * self._scale
         if self._shift is not None:
@@ -199,6 +208,12 @@ class ArrayDataset(torch.utils.data.Dataset):
             f"{type(self).__name__}({self.source!r}, n={len(self)}, "
             f"shape={self.image_shape}, classes={len(self.classes)}{norm})"
         )
+
+
+def collate(batch):
+    """A DataLoader ``collate_fn`` for any dataset: a :class:`Batch` (from ``__getitems__``)
+    passes through, a list of items is stacked by torch's default collate."""
+    return batch if isinstance(batch, Batch) else torch.utils.data.default_collate(batch)
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -17,7 +17,6 @@ import torch
 
 from . import datasets, models
 from .build import build_store
-from .datasets import ArrayDataset
 from .report import report
 from .results import ProbeResults
 from .solve import solve
@@ -33,10 +32,6 @@ PROBE = {"full": dict(solver="sgd", l2=[1e-5, 1e-4, 1e-3], epochs=12, patience=3
          "quick": dict(solver="lbfgs", l2=[1e-4, 1e-3, 1e-2], tol=1e-4, max_iter=300)}
 
 
-def _head(ds: ArrayDataset, n: int) -> ArrayDataset:
-    return ArrayDataset(ds.images[:n], ds.targets[:n], ds.classes, mean=ds.mean, std=ds.std)
-
-
 def run(out: str | Path = "demo", *, quick: bool = False, seed: int = 0,
         progress: bool = True, log=print) -> tuple[dict[str, ProbeResults], Path]:
     """Run the demo into the folder ``out`` (stores ``init.zarr``, ``trained.zarr`` and
@@ -44,13 +39,13 @@ def run(out: str | Path = "demo", *, quick: bool = False, seed: int = 0,
     out = Path(out)
     n_train, n_test, n_valid, n_fit, epochs = SIZES["quick" if quick else "full"]
     train, test = datasets.fashion_mnist("train"), datasets.fashion_mnist("test")
-    data = {"train": _head(train, n_train), "test": _head(test, n_test)}
+    data = {"train": train.subset(0, n_train), "test": test.subset(0, n_test)}
     probe = PROBE["quick" if quick else "full"]
     torch.manual_seed(seed)
     model = models.mnist_convnet()
     states = {"init": copy.deepcopy(model)}
     t0 = time.perf_counter()
-    losses = models.train(model, _head(train, n_fit), epochs=epochs, seed=seed,
+    losses = models.train(model, train.subset(0, n_fit), epochs=epochs, seed=seed,
                           progress=progress)
     log(f"trained mnist_convnet for {epochs} epoch(s) on {n_fit} images in "
         f"{time.perf_counter() - t0:.0f} s (last epoch's loss {losses[-1]:.3f})")

@@ -97,9 +97,10 @@ def train(model: nn.Module, dataset, *, epochs: int = 1, lr: float = 1e-3, batch
     from torch.utils.data import DataLoader
 
     gen = torch.Generator().manual_seed(seed)
-    # a dataset that fetches whole batches (__getitems__, as engine.datasets' do) is collated
+    from .datasets import collate
+
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
-                        collate_fn=(lambda b: b) if hasattr(dataset, "__getitems__") else None)
+                        collate_fn=collate)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []

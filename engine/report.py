@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .results import ProbeResults
+from .results import ProbeResults, _json
 
 __all__ = ["report", "monotonicity"]
 
@@ -74,20 +74,6 @@ def _long_table(states: dict[str, ProbeResults]) -> pd.DataFrame:
         t.insert(0, "state", state)
         frames.append(t)
     return pd.concat(frames, ignore_index=True)
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
@@ -225,7 +211,7 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
                                   "backends": res.backends,
                                   "table": res.table.to_dict(orient="records")}
                           for state, res in states.items()}}
-    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2))
+    (out / "results.json").write_text(json.dumps(_json(payload), indent=2))
     figures = [out / "errors.png"]
     _errors_figure(states, figures[0])
     if len(states) >= 3:

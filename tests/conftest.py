@@ -39,10 +39,8 @@ def fashion():
     """The first rows of real Fashion-MNIST: {"train": 600 rows, "test": 200 rows}."""
     train, test = engine.datasets.fashion_mnist("train"), engine.datasets.fashion_mnist("test")
     return {
-        "train": ArrayDataset(train.images[:600], train.targets[:600], train.classes,
-                              mean=train.mean, std=train.std),
-        "test": ArrayDataset(test.images[:200], test.targets[:200], test.classes,
-                             mean=test.mean, std=test.std),
+        "train": train.subset(0, 600),
+        "test": test.subset(0, 200),
     }
 
 

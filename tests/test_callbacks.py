@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engine.callbacks import ProbeMonitor
-from engine.datasets import ArrayDataset
+from engine.datasets import collate
 
 # lightning 2.6 still calls a torch.utils._pytree API that torch 2.14 deprecates
 pytestmark = pytest.mark.filterwarnings(
@@ -44,24 +44,20 @@ class Snapshot(lightning.Callback):
         self.grad = pl_module.net[1].weight.grad.clone()
 
 
-def _head(ds, a, b):
-    return ArrayDataset(ds.images[a:b], ds.targets[a:b], ds.classes, mean=ds.mean, std=ds.std)
-
-
 def test_probe_monitor_logs_one_value_per_layer_and_epoch(fashion, tmp_path):
     torch.manual_seed(0)
     model = Classifier()
     monitor = ProbeMonitor(["net.1", "net.2", "net.3"],
-                           {"train": _head(fashion["test"], 0, 150),
-                            "valid": _head(fashion["test"], 150, 200)},
+                           {"train": fashion["test"].subset(0, 150),
+                            "valid": fashion["test"].subset(150, 200)},
                            every_n_epochs=1, solve_kwargs={"l2": [1e-3, 1e-2], "device": "cpu"})
     before, after = Snapshot(), Snapshot()
     trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path),
                                 callbacks=[before, monitor, after], enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False,
                                 log_every_n_steps=1)
-    trainer.fit(model, DataLoader(_head(fashion["train"], 0, 256), batch_size=64,
-                                  collate_fn=lambda b: b))
+    trainer.fit(model, DataLoader(fashion["train"].subset(0, 256), batch_size=64,
+                                  collate_fn=collate))
     metrics = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
     cols = [c for c in metrics.columns if c.startswith("probe/")]
     assert sorted(cols) == sorted(f"probe/{layer}/{split}_error" for layer in

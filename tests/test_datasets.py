@@ -267,3 +267,25 @@ def test_image_folder_missing(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(DatasetNotFoundError, match="holds no images"):
         image_folder(tmp_path, "val")
+
+
+def test_subset_keeps_classes_normalisation_and_says_where_it_came_from():
+    rng = np.random.default_rng(0)
+    ds = ArrayDataset(rng.integers(0, 256, (10, 1, 4, 4), dtype=np.uint8), np.arange(10) % 3,
+                      ["a", "b", "c"], mean=0.5, std=0.25, source="toy")
+    sub = ds.subset(2, 6)
+    assert len(sub) == 4 and sub.classes == ds.classes and sub.source == "toy[2:6]"
+    for i in range(4):
+        x, y = sub[i]
+        x0, y0 = ds[i + 2]
+        assert y == y0 and torch.equal(x, x0)
+    assert len(ds.subset(7)) == 3 and ds.subset(7).source == "toy[7:]"
+
+
+def test_collate_passes_batches_through_and_stacks_items():
+    from engine.datasets import Batch, collate
+
+    b = Batch(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]))
+    assert collate(b) is b
+    x, y = collate([(torch.ones(3), 1), (torch.zeros(3), 0)])
+    assert x.shape == (2, 3) and y.tolist() == [1, 0]
