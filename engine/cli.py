@@ -180,12 +180,52 @@ def _report(args) -> int:
     return 0
 
 
+EXAMPLES = {
+    "build": [
+        "probe-engine build fmnist.zarr                      # the MNIST convnet on Fashion-MNIST",
+        "probe-engine build r50.zarr --model resnet50 --weights r50.pt \\",
+        "    --data imagefolder:/data/imagenet --layers 'layer*' --reduce pool",
+        "probe-engine build big.zarr --workers 4             # one process per local GPU/core",
+    ],
+    "solve": [
+        "probe-engine solve fmnist.zarr                      # L-BFGS, lambda by validation",
+        "probe-engine solve fmnist.zarr --solver sgd --epochs 20 --run sgd",
+        "probe-engine solve r50.zarr --device cuda --dtype tf32",
+        "probe-engine solve fmnist.zarr --layers conv1_postact fc1_preact --l2 1e-4 1e-3",
+        "probe-engine solve fmnist.zarr --label coarse       # a second label set, no recapture",
+    ],
+    "info": ["probe-engine info fmnist.zarr                       # layers, splits, rows, runs"],
+    "verify": [
+        "probe-engine verify fmnist.zarr && echo intact",
+        "probe-engine verify s3://bucket/run1.zarr           # any fsspec URL",
+    ],
+    "report": [
+        "probe-engine report init.zarr trained.zarr --out report/   # one panel per store",
+        "probe-engine report fmnist.zarr --run sgd --title 'SGD probes'",
+    ],
+    "demo": [
+        "probe-engine demo                                    # about 7 minutes on 2 cores",
+        "probe-engine demo --quick --out /tmp/demo            # about a minute",
+    ],
+}
+
+
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` ends with its examples, kept as written."""
+    epilog = "examples:\n" + "\n".join("  " + line for line in EXAMPLES[name])
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="probe-engine", description=__doc__)
+    p = argparse.ArgumentParser(prog="probe-engine", description=__doc__,
+                                epilog="run 'probe-engine COMMAND --help' for its options and "
+                                "examples")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="capture a model's activations into a feature store")
+    b = _command(sub, "build", "capture a model's activations into a feature store")
     b.add_argument("path", help="store path (a folder, or an fsspec URL)")
     b.add_argument("--model", default="mnist_convnet",
                    help="mnist_convnet or a torchvision model name (resnet50, inception_v3)")
@@ -212,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
     _add_dask(b)
     b.set_defaults(func=_build)
 
-    s = sub.add_parser("solve", help="fit a softmax probe on every layer of a store")
+    s = _command(sub, "solve", "fit a softmax probe on every layer of a store")
     s.add_argument("path")
     s.add_argument("--layers", nargs="+", help="layer keys (default: all)")
     s.add_argument("--label", default="y")
@@ -233,26 +273,23 @@ def parser() -> argparse.ArgumentParser:
     _add_dask(s)
     s.set_defaults(func=_solve)
 
-    i = sub.add_parser("info", help="summarise a store")
+    i = _command(sub, "info", "summarise a store")
     i.add_argument("path")
     i.set_defaults(func=_info)
 
-    v = sub.add_parser("verify", help="check every chunk's checksum; exit 1 on a problem")
+    v = _command(sub, "verify", "check every chunk's checksum; exit 1 on a problem")
     v.add_argument("path")
     v.set_defaults(func=_verify)
 
-    r = sub.add_parser("report", help="write the HTML / CSV / JSON / PNG report of solved "
-                       "stores", epilog="example: probe-engine report init.zarr trained.zarr "
-                       "--out report/  (one panel per store, in the order given)")
+    r = _command(sub, "report", "write the HTML / CSV / JSON / PNG report of solved stores")
     r.add_argument("paths", nargs="+", metavar="PATH", help="solved stores (model states)")
     r.add_argument("--run", default="default", help="the solve run to report")
     r.add_argument("--out", default="report", help="folder for index.html and the rest")
     r.add_argument("--title")
     r.set_defaults(func=_report)
 
-    d = sub.add_parser("demo", help="the paper's MNIST convnet on Fashion-MNIST, at "
-                       "initialisation and after training, with its report",
-                       epilog="example: probe-engine demo --quick --out /tmp/demo")
+    d = _command(sub, "demo", "the paper's MNIST convnet on Fashion-MNIST, at "
+                 "initialisation and after training, with its report")
     d.add_argument("--out", default="demo", help="folder for the two stores and report/")
     d.add_argument("--quick", action="store_true",
                    help="3,000 train and 1,000 test rows, one training epoch (about a minute)")

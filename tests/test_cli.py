@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import shlex
 
 import numpy as np
 import pytest
@@ -148,3 +149,18 @@ def test_workers_and_scheduler_exclude_each_other(tmp_path):
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(["solve", str(tmp_path / "s.zarr"), "--workers", "2", "--scheduler",
                   "tcp://127.0.0.1:8786"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.EXAMPLES))
+def test_help_examples_parse(command, capsys):
+    """Every example in ``--help`` is a valid command line of that subcommand."""
+    lines = "\n".join(cli.EXAMPLES[command]).replace("\\\n", " ").splitlines()
+    for line in lines:
+        argv = shlex.split(line.split("  #")[0].split(" && ")[0])
+        assert argv[:2] == ["probe-engine", command], line
+        args = cli.parser().parse_args(argv[1:])
+        assert args.func is not None
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "examples:\n  probe-engine " + command in capsys.readouterr().out
