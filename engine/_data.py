@@ -19,9 +19,42 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from torch.utils.data.dataloader import default_collate
 
 from .datasets import Batch
-from .errors import DataError
+from .errors import DataError, InvalidArgumentError
 
 DEFAULT_VALID_ROWS = 10_000
+
+#: names a store keeps for itself: zarr's metadata files, and the folder of a Dask build
+_RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
+#: folders at the root of a store, so no split can have these names
+ROOT_FOLDERS = ("probes", "reductions")
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a folder inside a store (a split, layer, label or run), or
+    None when it can: a non-empty string, no path separator, no control character, not
+    ``.`` / ``..``, no leading ``__`` or ``.`` (zarr's and probe-engine's own files)."""
+    if not isinstance(name, str):
+        return f"it is a {type(name).__name__}, not a string"
+    if not name:
+        return "it is empty"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator ('/' or '\\'), which would reach outside its folder"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "it holds a control character (NUL, newline, ...)"
+    if name.startswith((".", "__")):
+        return "it starts with '.' or '__', which the store keeps for its own files"
+    if name in _RESERVED:
+        return "zarr keeps that name for its own files"
+    return None
+
+
+def check_name(name: Any, what: str, error: type[Exception] = InvalidArgumentError) -> str:
+    """``name`` if it can name a folder inside a store, else ``error`` naming it and why."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise error(f"{what} {name!r} cannot name a folder inside the store: {problem}; "
+                    f"choose a plain name such as 'coarse' or 'layer1'")
+    return name
 
 
 @dataclass
@@ -170,8 +203,10 @@ def resolve_splits(data: Any, *, valid_size: int | float | str, seed: int) -> li
         raise DataError("`data` is an empty mapping; give at least a 'train' split")
     splits = []
     for name, part in parts.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("__"):
-            raise DataError(f"split name {name!r} must be a non-empty string without '/'")
+        check_name(name, "split name", DataError)
+        if name in ROOT_FOLDERS:
+            raise DataError(f"split name {name!r} is taken by the store's own {name}/ folder; "
+                            f"call the split something else")
         dataset, index, extra = _source(name, part)
         if len(index) == 0:
             raise DataError(f"split {name!r} is empty (0 rows); give it some data or leave it out")
@@ -189,8 +224,8 @@ def resolve_splits(data: Any, *, valid_size: int | float | str, seed: int) -> li
     elif isinstance(valid_size, numbers.Integral) and valid_size > 0:
         k = int(valid_size)
     else:
-        raise ValueError(f"valid_size must be 'auto', a fraction in (0, 1) or a row count, "
-                         f"not {valid_size!r}")
+        raise InvalidArgumentError(f"valid_size must be 'auto', a fraction in (0, 1) or a "
+                                   f"row count, not {valid_size!r}")
     if not 0 < k < n:
         raise DataError(f"cannot carve {k} validation rows out of {n} training rows; pass "
                         f"valid_size=0 or a 'valid' split")
@@ -203,6 +238,46 @@ def resolve_splits(data: Any, *, valid_size: int | float | str, seed: int) -> li
     at = splits.index(train) + 1
     splits.insert(at, valid)
     return splits
+
+
+def check_targets(splits: Sequence[SplitSource], num_classes: int | None) -> None:
+    """Check the labels of every split before anything is written, where the dataset lists
+    them (a ``targets`` attribute, as torchvision's datasets and ``ArrayDataset`` have): each
+    an integer class index, non-negative, and below ``num_classes`` (given, or the number
+    of the dataset's ``classes``). Datasets without ``targets`` are checked batch by batch
+    during the capture."""
+    for s in splits:
+        targets = getattr(s.dataset, "targets", None)
+        if targets is None:
+            continue
+        try:
+            t = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+        except (TypeError, ValueError):
+            continue
+        if t.ndim != 1 or len(t) != len(s.dataset):
+            continue  # not one label per item: not the convention this check knows
+        t = t[s.index]
+        where = f"split {s.name!r}"
+        if t.dtype.kind not in "iu":
+            bad = next((r for r, v in enumerate(t.tolist())
+                        if isinstance(v, bool) or not isinstance(v, numbers.Integral)), 0)
+            raise DataError(f"{where}, row {bad}: the label is {t[bad]!r} ({t.dtype}), not an "
+                            f"integer class index (dataset item {int(s.index[bad])}); map "
+                            f"labels to 0..C-1 first")
+        if not len(t):
+            continue
+        if int(t.min()) < 0:
+            bad = int(np.flatnonzero(t < 0)[0])
+            raise DataError(f"{where}, row {bad}: label {int(t[bad])} is negative (dataset "
+                            f"item {int(s.index[bad])}); labels must be class indices 0..C-1")
+        classes = getattr(s.dataset, "classes", None)
+        n = num_classes if num_classes is not None else (
+            len(classes) if classes is not None else None)
+        if n is not None and int(t.max()) >= n:
+            bad = int(np.flatnonzero(t >= n)[0])
+            raise DataError(f"{where}, row {bad}: label {int(t[bad])} is out of range for {n} "
+                            f"classes (dataset item {int(s.index[bad])}); pass num_classes= "
+                            f"or fix the labels. Nothing was written.")
 
 
 def sample_digest(split: SplitSource, samples: int = 3) -> str:
@@ -226,9 +301,10 @@ def extra_labels(spec: Any, splits: Sequence[SplitSource]) -> dict[str, Any]:
                         "{'coarse': lambda y: y // 3}")
     out = {}
     for name, value in spec.items():
-        if not isinstance(name, str) or not name or "/" in name or name == "y":
-            raise DataError(f"extra label name {name!r} must be a non-empty string, not 'y' "
-                            f"(the dataset's own targets), without '/'")
+        if name == "y":
+            raise DataError("extra label name 'y' is taken by the dataset's own targets; "
+                            "choose another name")
+        check_name(name, "extra label name", DataError)
         if callable(value):
             out[name] = value
             continue

@@ -30,7 +30,8 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-from .errors import LayerNotFoundError, ProbeEngineError
+from ._data import name_problem
+from .errors import InvalidArgumentError, LayerNotFoundError, ProbeEngineError
 
 __all__ = ["Site", "select_modules", "discover_sites", "hooked", "is_auto_type"]
 
@@ -84,12 +85,14 @@ def select_modules(model: nn.Module, layers) -> list[str]:
     for item in items:
         if isinstance(item, type):
             if not issubclass(item, nn.Module):
-                raise TypeError(f"layers: {item!r} is a type but not an nn.Module subclass")
+                raise InvalidArgumentError(
+                    f"layers: {item!r} is a type but not an nn.Module subclass")
             hits = {n for n, m in named if isinstance(m, item)}
             if not hits:
                 raise LayerNotFoundError(f"no module of type {item.__name__} in the model")
         elif not isinstance(item, str):
-            raise TypeError(f"layers: expected names, globs or module types, got {item!r}")
+            raise InvalidArgumentError(
+                f"layers: expected names, globs or module types, got {item!r}")
         elif item == "auto":
             hits = {""} | {n for n, m in named if is_auto_type(m)}
         elif item == "input":
@@ -111,7 +114,7 @@ def _check_sites(sites: Sequence[str] | str) -> tuple[str, ...]:
     sites = (sites,) if isinstance(sites, str) else tuple(sites)
     bad = [s for s in sites if s not in SITES]
     if bad or not sites:
-        raise ValueError(f"sites must be some of {SITES}, got {sites!r}")
+        raise InvalidArgumentError(f"sites must be some of {SITES}, got {sites!r}")
     return sites
 
 
@@ -123,10 +126,11 @@ def site_key(module: str, side: str, call: int) -> str:
 
 
 def _check_key(key: str) -> None:
-    if "/" in key or key.startswith("__") or key in ("", ".", ".."):
-        raise ProbeEngineError(
-            f"layer key {key!r} cannot name a zarr array (no '/', no leading '__'); "
-            f"rename the module"
+    problem = name_problem(key)
+    if problem is not None:
+        raise InvalidArgumentError(
+            f"layer {key!r} cannot name an array inside the store: {problem}; rename the "
+            f"module, or leave it out of `layers`"
         )
 
 
@@ -144,6 +148,8 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
     by_name = dict(model.named_modules())
     calls: dict[tuple[str, str], int] = {}
     handles = []
+    # where the forward pass is, for the note on an error raised inside the model
+    pos: dict = {"forward": False, "last": None, "shape": None}
 
     def emit(name: str, side: str, value) -> None:
         if not isinstance(value, torch.Tensor):
@@ -154,10 +160,18 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
             )
         k = calls.get((name, side), 0)
         calls[(name, side)] = k + 1
-        sink(Site(site_key(name, side, k), name, side, k), value)
+        site = Site(site_key(name, side, k), name, side, k)
+        sink(site, value)
+        pos["last"] = site.key
 
-    def reset(_module, _args) -> None:
+    def reset(_module, args) -> None:
         calls.clear()
+        x = args[0] if args else None
+        pos.update(forward=True, last=None,
+                     shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None)
+
+    def done(_module, _args, _output) -> None:
+        pos["forward"] = False
 
     def make_pre(name: str):
         def pre(_module, args, kwargs):
@@ -176,6 +190,7 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
     try:
         # registered first so that it runs before the model-input pre-hook
         handles.append(model.register_forward_pre_hook(reset))
+        handles.append(model.register_forward_hook(done))
         for name in modules:
             if name == "":
                 handles.append(model.register_forward_pre_hook(make_pre(""), with_kwargs=True))
@@ -187,6 +202,15 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
                 handles.append(module.register_forward_hook(make_post(name)))
         model.eval()
         yield
+    except Exception as exc:
+        if pos["forward"] and not isinstance(exc, ProbeEngineError):
+            shape = f" on an input batch of shape {pos['shape']}" if pos["shape"] else ""
+            after = (f"after the probe site {pos['last']!r}" if pos["last"]
+                     else "before any probe site ran")
+            exc.add_note(f"probe-engine: the model's forward pass raised this{shape}, "
+                         f"{after}; the probe hooks are removed and every module's training "
+                         f"flag is restored")
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -204,8 +228,16 @@ def discover_sites(
     def record(site: Site, t: torch.Tensor) -> None:
         seen.setdefault((site.module, site.side, site.call), (site, tuple(t.shape[1:])))
 
-    with hooked(model, modules, sides, record):
-        forward()
+    try:
+        with hooked(model, modules, sides, record):
+            forward()
+    except Exception as exc:
+        if not isinstance(exc, ProbeEngineError):
+            exc.add_note("probe-engine: this was the first forward pass, on the first rows of "
+                         "the first split, to find the probe sites and their shapes; nothing "
+                         "was written. Check that the data fits the model (input shape, "
+                         "channels, dtype, device).")
+        raise
     ran = {s.module for s, _ in seen.values()}
     idle = [m for m in modules if m not in ran]
     if idle:

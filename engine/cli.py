@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch.utils.data import Subset
 
 from . import datasets, models
 from .build import build_store
-from .errors import ProbeEngineError
+from .errors import InvalidArgumentError, ProbeEngineError
 from .solve import solve
 from .store import open_store
 
@@ -27,7 +28,7 @@ def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
     ``train`` / ``valid`` / ``test`` splits; a folder of class folders is one dataset.
     ``limit`` keeps the first rows of each split (for quick runs).
     """
-    kind, _, root = spec.partition(":")
+    kind, _, root = _data_spec(spec).partition(":")
     if kind == "fashion-mnist":
         root = root or None
         data = {"train": datasets.fashion_mnist("train", root),
@@ -40,9 +41,6 @@ def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
             data = {s: datasets.image_folder(root, d, size=size) for s, d in found.items()}
         else:
             data = {"train": datasets.image_folder(root, size=size)}
-    else:
-        raise SystemExit(f"--data {spec!r}: use 'fashion-mnist', 'fashion-mnist:ROOT' or "
-                         f"'imagefolder:ROOT'")
     if limit:
         data = {k: Subset(v, range(min(limit, len(v)))) for k, v in data.items()}
         for v in data.values():  # Subset hides the class names that give num_classes
@@ -50,7 +48,29 @@ def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
     return data
 
 
+def _data_spec(spec: str) -> str:
+    """An argparse type: ``fashion-mnist``, ``fashion-mnist:ROOT`` or ``imagefolder:ROOT``."""
+    kind, _, root = spec.partition(":")
+    if kind == "fashion-mnist" or (kind == "imagefolder" and root):
+        return spec
+    raise argparse.ArgumentTypeError(f"{spec!r}: use 'fashion-mnist', 'fashion-mnist:ROOT' "
+                                     f"or 'imagefolder:ROOT'")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give at least 1")
+    return value
+
+
 def _reduce_arg(values: list[str] | None):
+    """``--reduce SPEC`` or ``--reduce LAYER=SPEC ...`` -> build_store's ``reduce``; raises
+    ValueError (a usage error) on a mix of the two forms."""
     if not values:
         return "auto"
     if len(values) == 1 and "=" not in values[0]:
@@ -58,26 +78,23 @@ def _reduce_arg(values: list[str] | None):
     out = {}
     for v in values:
         key, sep, spec = v.rpartition("=")
-        if not sep:
-            raise SystemExit(f"--reduce {v!r}: give one spec, or LAYER=SPEC pairs")
+        if not sep or not key:
+            raise ValueError(f"{v!r}: give one SPEC, or LAYER=SPEC pairs only "
+                             f"(e.g. --reduce 'layer*=pool' fc=none)")
         out[key] = spec
     return out
 
 
 @contextlib.contextmanager
 def _client(args):
-    """The Dask client asked for by --workers N / --scheduler ADDRESS, or None."""
-    if args.workers is not None and args.scheduler:
-        raise SystemExit("--workers and --scheduler exclude each other: start a local cluster "
-                         "of N workers, or join the one at ADDRESS")
+    """The Dask client asked for by --workers N / --scheduler ADDRESS, or None (the parser
+    lets only one of them through)."""
     if args.scheduler:
         from distributed import Client
 
         with Client(args.scheduler) as client:
             yield client
     elif args.workers is not None:
-        if args.workers < 1:
-            raise SystemExit(f"--workers {args.workers}: give at least 1")
         from .schedule import cluster
 
         with cluster(args.workers) as client:
@@ -87,21 +104,22 @@ def _client(args):
 
 
 def _add_dask(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Dask (docs/scaling.md)")
-    g.add_argument("--workers", type=int, help="run on a local Dask cluster of N workers "
-                   "(one per GPU with dask-cuda)")
-    g.add_argument("--scheduler", help="run on the Dask cluster at ADDRESS (tcp://host:8786)")
+    g = p.add_argument_group("Dask (docs/scaling.md)").add_mutually_exclusive_group()
+    g.add_argument("--workers", type=_positive, help="run on a local Dask cluster of N "
+                   "workers (one per GPU with dask-cuda)")
+    g.add_argument("--scheduler", help="run on the Dask cluster at ADDRESS (tcp://host:8786); "
+                   "not with --workers")
 
 
 def _build(args) -> int:
     torch.manual_seed(args.seed)  # an untrained model is the same model on every run
-    model = models.load_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    model = _load_model(args)
     data = load_data(args.data, limit=args.limit, size=args.image_size)
     t0 = time.perf_counter()
     with _client(args) as client:
         store = build_store(
             model, data, args.path, layers=args.layers or "auto", sites=tuple(args.sites),
-            reduce=_reduce_arg(args.reduce), max_features=args.max_features, dtype=args.dtype,
+            reduce=args.reduce, max_features=args.max_features, dtype=args.dtype,
             batch_size=args.batch_size, device=args.device, autocast=args.autocast,
             channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
             resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
@@ -112,13 +130,38 @@ def _build(args) -> int:
     return 0
 
 
+def _load_model(args):
+    """``--model`` with ``--weights``: a checkpoint that holds more than tensors, or that
+    belongs to another model, is refused with a message naming the file."""
+    try:
+        return models.load_model(args.model, weights=args.weights,
+                                 num_classes=args.num_classes)
+    except pickle.UnpicklingError as exc:
+        raise InvalidArgumentError(
+            f"--weights {args.weights}: refused: the file holds Python objects other than "
+            f"tensors, and probe-engine loads checkpoints only with "
+            f"torch.load(weights_only=True), which runs no code from the file; save a plain "
+            f"state_dict (torch.save(model.state_dict(), PATH))") from exc
+    except RuntimeError as exc:  # load_state_dict: missing / unexpected keys, other shapes
+        detail = " ".join(str(exc).split())
+        raise InvalidArgumentError(
+            f"--weights {args.weights} does not fit --model {args.model}"
+            f"{f' --num-classes {args.num_classes}' if args.num_classes else ''}: "
+            f"{detail[:300]}{'...' if len(detail) > 300 else ''}; pass the --model (and "
+            f"--num-classes) the state_dict was saved from") from exc
+
+
 def _l2_arg(values: list[str] | None):
+    """``--l2 auto`` or ``--l2 X [Y ...]`` -> solve's ``l2``; ValueError (a usage error)
+    otherwise."""
     if not values or values == ["auto"]:
         return "auto"
+    if "auto" in values:
+        raise ValueError(f"{' '.join(values)}: give 'auto' alone, or numbers")
     try:
         return [float(v) for v in values]
     except ValueError:
-        raise SystemExit(f"--l2 {' '.join(values)}: give 'auto' or numbers") from None
+        raise ValueError(f"{' '.join(values)}: give 'auto' or numbers such as 1e-4") from None
 
 
 def _solve(args) -> int:
@@ -126,7 +169,7 @@ def _solve(args) -> int:
     with _client(args) as client:
         results = solve(
             args.path, layers=args.layers, label=args.label, solver=args.solver,
-            l2=_l2_arg(args.l2), max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
+            l2=args.l2, max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
             patience=args.patience, lr=args.lr, early_stopping=not args.no_early_stopping,
             device=args.device, dtype=args.dtype, run=args.run,
             allow_partial=args.allow_partial, progress=not args.quiet, client=client,
@@ -230,27 +273,29 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="mnist_convnet",
                    help="mnist_convnet or a torchvision model name (resnet50, inception_v3)")
     b.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    b.add_argument("--num-classes", type=int)
-    b.add_argument("--data", default="fashion-mnist",
+    b.add_argument("--num-classes", type=_positive)
+    b.add_argument("--data", default="fashion-mnist", type=_data_spec,
                    help="fashion-mnist, fashion-mnist:ROOT or imagefolder:ROOT")
-    b.add_argument("--image-size", type=int, default=224)
-    b.add_argument("--limit", type=int, help="keep the first N rows of each split")
+    b.add_argument("--image-size", type=_positive, default=224)
+    b.add_argument("--limit", type=_positive, help="keep the first N rows of each split")
     b.add_argument("--layers", nargs="+", help="names or globs (default: auto)")
     b.add_argument("--sites", nargs="+", default=["output"], choices=["input", "output"])
     b.add_argument("--reduce", nargs="+", help="SPEC, or LAYER=SPEC pairs (default: auto)")
-    b.add_argument("--max-features", type=int, default=8192)
+    b.add_argument("--max-features", type=_positive, default=8192)
     b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    b.add_argument("--batch-size", type=int)
+    b.add_argument("--batch-size", type=_positive)
     b.add_argument("--device", default="auto")
     b.add_argument("--autocast", choices=["bfloat16", "float16"])
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--compressor", default="lz4", choices=["lz4", "zstd"])
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    b.add_argument("--no-resume", action="store_true", help="refuse an existing store")
+    existing = b.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    existing.add_argument("--no-resume", action="store_true", help="refuse an existing store "
+                          "(default: resume it)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_dask(b)
-    b.set_defaults(func=_build)
+    b.set_defaults(func=_build, parser=b)
 
     s = _command(sub, "solve", "fit a softmax probe on every layer of a store")
     s.add_argument("path")
@@ -258,10 +303,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--label", default="y")
     s.add_argument("--solver", default="lbfgs", choices=["lbfgs", "sgd"])
     s.add_argument("--l2", nargs="+", help="'auto' (default) or one or more lambdas")
-    s.add_argument("--max-iter", type=int, default=500)
+    s.add_argument("--max-iter", type=_positive, default=500)
     s.add_argument("--tol", type=float, default=1e-4)
-    s.add_argument("--epochs", type=int, default=30, help="sgd")
-    s.add_argument("--patience", type=int, default=5, help="sgd")
+    s.add_argument("--epochs", type=_positive, default=30, help="sgd")
+    s.add_argument("--patience", type=_positive, default=5, help="sgd")
     s.add_argument("--lr", type=float, default=1e-2, help="sgd")
     s.add_argument("--no-early-stopping", action="store_true", help="sgd")
     s.add_argument("--device", default="auto")
@@ -271,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
                    help="solve an incomplete store on its committed rows")
     s.add_argument("--quiet", action="store_true")
     _add_dask(s)
-    s.set_defaults(func=_solve)
+    s.set_defaults(func=_solve, parser=s)
 
     i = _command(sub, "info", "summarise a store")
     i.add_argument("path")
@@ -303,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error (one line on stderr; ``--debug`` for the traceback),
     2 a usage error (from argparse)."""
     args = parser().parse_args(argv)
+    # the values argparse cannot check alone: a usage error (exit 2) like any other
+    for name, convert in (("reduce", _reduce_arg), ("l2", _l2_arg)):
+        if hasattr(args, name):
+            try:
+                setattr(args, name, convert(getattr(args, name)))
+            except ValueError as exc:
+                args.parser.error(f"argument --{name}: {exc}")
     try:
         return args.func(args)
     except (ProbeEngineError, OSError, ValueError) as exc:

@@ -18,18 +18,22 @@ copied to the host. Specs:
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 import re
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ReductionError
+from .errors import LayerNotFoundError, ReductionError
 
-__all__ = ["Reduction", "resolve_reduction", "parse_reduction"]
+__all__ = ["Reduction", "resolve_reduction", "parse_reduction", "check_reduce",
+           "check_reduce_keys"]
 
 _POOL_GRID = re.compile(r"pool:([0-9]+)x([0-9]+)")
 _SUBSAMPLE = re.compile(r"subsample:([0-9]+)")
@@ -55,6 +59,42 @@ def parse_reduction(spec: str) -> tuple[str, tuple[int, ...]]:
     raise ReductionError(
         f"unknown reduction {spec!r}; use 'none', 'pool', 'pool:HxW', 'subsample:K' or 'auto'"
     )
+
+
+def check_reduce(reduce) -> None:
+    """Check ``build_store``'s ``reduce=`` before anything runs: a spec, or a dict of layer
+    key / module name / glob -> spec, every spec well-formed."""
+    if isinstance(reduce, str):
+        parse_reduction(reduce)
+        return
+    if not isinstance(reduce, Mapping):
+        raise ReductionError(f"reduce must be a spec such as 'pool' or a dict of layer -> "
+                             f"spec, not a {type(reduce).__name__}")
+    for key, spec in reduce.items():
+        if not isinstance(key, str):
+            raise ReductionError(f"reduce: key {key!r} is not a layer name or glob")
+        try:
+            parse_reduction(spec)
+        except ReductionError as exc:
+            raise ReductionError(f"reduce[{key!r}]: {exc}") from None
+
+
+def check_reduce_keys(reduce, sites: Iterable) -> None:
+    """Every key of a ``reduce`` dict must pick at least one probe site (by its key, its
+    module's name or a glob over keys), so that a misspelt layer is not silently reduced
+    by ``"auto"``. ``sites``: the :class:`~engine.capture.Site` objects found."""
+    if isinstance(reduce, str):
+        return
+    sites = list(sites)
+    names = {s.key for s in sites} | {s.module or "input" for s in sites}
+    for key in reduce:
+        if key in names or any(fnmatch.fnmatchcase(s.key, key) for s in sites):
+            continue
+        near = difflib.get_close_matches(key, sorted(names), n=3, cutoff=0.5)
+        hint = f"closest: {', '.join(map(repr, near))}" if near else (
+            f"the probe sites are {', '.join(map(repr, sorted(names)[:10]))}")
+        raise LayerNotFoundError(f"reduce: key {key!r} matches no probe site ({hint}); "
+                                 f"fix the key, or add the layer to `layers`")
 
 
 @dataclass(eq=False)

@@ -277,16 +277,16 @@ def test_keyword_model_input():
     assert [(s.key, shape) for s, shape in found] == [("input", (5,))]
 
 
-@pytest.mark.parametrize("name", ["a/b", "__hidden"])
+@pytest.mark.parametrize("name", ["a/b", "__hidden", "/abs", "a\x00b", "a\nb", "a\\b"])
 @pytest.mark.parametrize("sides", [("output",), ("input",)])
 def test_keys_that_cannot_name_zarr_arrays(name, sides):
     model = nn.Sequential()
     model.add_module(name, nn.ReLU())
     assert select_modules(model, name) == [name]
     x = torch.randn(2, 3)
-    with pytest.raises(ProbeEngineError, match="zarr") as ei:
+    with pytest.raises(ProbeEngineError, match="cannot name an array inside the store") as ei:
         discover_sites(model, [name], sides, lambda: model(x))
-    assert repr(name) in str(ei.value) or name in str(ei.value)
+    assert repr(name)[1:-1] in str(ei.value)  # named as Python writes it (NUL as \x00)
 
 
 def test_colliding_keys():
