@@ -136,9 +136,10 @@ def base_store(tmp: Path, name: str = "s.zarr", *, solved: bool = False) -> Path
     return dest
 
 
-def _snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+def _snapshot(path: Path) -> dict[str, Any]:
+    """Every file under ``path``: its bytes, or for JSON metadata its parsed content."""
+    return {str(p.relative_to(path)): json.loads(p.read_text()) if p.suffix == ".json"
+            else p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _unchanged(name: str = "s.zarr") -> Callable[[Path], None]:
@@ -337,6 +338,46 @@ def _other_data_resume(tmp):
     _build(tmp, data={"train": tiny_data(40, seed=5), "test": tiny_data(12, seed=1)})
 
 
+def _check_newer_kept(tmp):
+    path = Path(tmp) / "s.zarr"
+    doc = json.loads((path / "zarr.json").read_text())
+    assert doc["attributes"]["probe_engine"]["format"] == 2
+    _set_format(path, 1)  # apart from the edit, the store is the pristine copy
+    _unchanged()(tmp)
+
+
+def _other_config_resume(tmp):
+    base_store(tmp)
+    _build(tmp, dtype="float16")
+
+
+def _loader_shuffles(tmp):
+    from torch.utils.data import DataLoader
+
+    _build(tmp, data={"train": DataLoader(tiny_data(40), batch_size=8, shuffle=True),
+                      "test": tiny_data(12, seed=1)})
+
+
+def _extra_labels_too_short(tmp):
+    _build(tmp, labels={"coarse": np.zeros(10, np.int64)})
+
+
+def _unknown_site(tmp):
+    _build(tmp, sites=("output", "outptu"))
+
+
+def _bad_valid_size(tmp):
+    _build(tmp, data=tiny_data(40), valid_size=1.5)
+
+
+def _subsample_too_large(tmp):
+    _build(tmp, reduce={"relu": "subsample:500"})
+
+
+def _pool_a_flat_layer(tmp):
+    _build(tmp, reduce={"fc": "pool"})
+
+
 def _exists_no_resume(tmp):
     base_store(tmp)
     _build(tmp, resume=False)
@@ -520,6 +561,10 @@ def _solve_unknown_split_labels(tmp):
     _solve_mapping({"train": f, "valid": f}, {"train": y, "valdi": y})
 
 
+def _solve_labels_with_store(tmp):
+    engine.solve(base_store(tmp), labels=np.zeros(36, np.int64), progress=False)
+
+
 def _solve_not_a_source(tmp):
     engine.solve([[1.0, 2.0]], labels=[0, 1], progress=False)
 
@@ -697,11 +742,15 @@ CASES: list[Case] = [
     Case("newer store format (open)", "api", _newer_format_open, StoreError,
          (f"{T}/s.zarr", "format 2", "Upgrade probe-engine")),
     Case("newer store format (resume)", "api", _newer_format_resume, StoreError,
-         (f"{T}/s.zarr", "format 2", "another path")),
+         (f"{T}/s.zarr", "format 2", "upgrade probe-engine", "another path"),
+         _check_newer_kept),
     Case("resume with another model", "api", _other_model_resume, StoreMismatchError,
-         (f"{T}/s.zarr", "model.digest", "overwrite=True")),
+         (f"{T}/s.zarr", "model.digest", "overwrite=True"), _unchanged()),
     Case("resume with another dataset", "api", _other_data_resume, StoreMismatchError,
-         (f"{T}/s.zarr", "dataset.splits.train.digest", "overwrite=True")),
+         (f"{T}/s.zarr", "dataset.splits.train.digest", "overwrite=True"), _unchanged()),
+    Case("resume with another config", "api", _other_config_resume, StoreMismatchError,
+         (f"{T}/s.zarr", "config.dtype", "'float32' in the store, 'float16' now"),
+         _unchanged()),
     Case("model forward raises midway", "api", _forward_raises_midway, RuntimeError,
          ("simulated failure", "split 'train', rows 16..23", f"{T}/s.zarr",
           "rows before 16 are committed", "resume=True", "after the probe site 'relu'",
@@ -718,6 +767,18 @@ CASES: list[Case] = [
          ("reduce", "'reluu'", "'relu'"), _absent("s.zarr")),
     Case("bad storage dtype", "api", _bad_dtype, InvalidArgumentError,
          ("'int8'", "float16"), _absent("s.zarr")),
+    Case("DataLoader that shuffles", "api", _loader_shuffles, DataError,
+         ("split 'train'", "shuffle=False"), _absent("s.zarr")),
+    Case("extra labels too short", "api", _extra_labels_too_short, DataError,
+         ("labels['coarse']", "split 'train'", "(10,)", "40"), _absent("s.zarr")),
+    Case("unknown site", "api", _unknown_site, InvalidArgumentError,
+         ("'outptu'", "'input', 'output'"), _absent("s.zarr")),
+    Case("bad valid_size", "api", _bad_valid_size, InvalidArgumentError,
+         ("valid_size", "1.5", "fraction in (0, 1)"), _absent("s.zarr")),
+    Case("subsample larger than the layer", "api", _subsample_too_large, ReductionError,
+         ("layer 'relu'", "144 features", "'subsample:500'", "smaller K"), _absent("s.zarr")),
+    Case("pool a layer without spatial axes", "api", _pool_a_flat_layer, ReductionError,
+         ("layer 'fc'", "no spatial axes", "'none'"), _absent("s.zarr")),
     Case("split name escapes the store", "api", _split_name_escapes, DataError,
          ("'../outside'", "split name"), _absent("s.zarr")),
     # solve
@@ -761,6 +822,8 @@ CASES: list[Case] = [
          InvalidArgumentError, ("run name", "'../elsewhere'"), _unchanged()),
     Case("solve: labels for an unknown split", "api", _solve_unknown_split_labels,
          DataError, ("'valdi'", "'valid'", "same splits")),
+    Case("solve: labels= with a store", "api", _solve_labels_with_store, InvalidArgumentError,
+         ("labels=", "mapping", "add_labels")),
     Case("solve: not a store or mapping", "api", _solve_not_a_source, InvalidArgumentError,
          ("Store", "mapping", "list")),
     # Store
