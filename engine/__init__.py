@@ -9,6 +9,7 @@ from .build import build_store
 from .errors import (
     DataError,
     DatasetNotFoundError,
+    InvalidArgumentError,
     LabelNotFoundError,
     LayerNotFoundError,
     NonFiniteError,
@@ -19,6 +20,7 @@ from .errors import (
     StoreCorruptedError,
     StoreError,
     StoreExistsError,
+    StoreLockedError,
     StoreMismatchError,
 )
 from .report import report
@@ -36,6 +38,7 @@ __all__ = [
     "sweep",
     "DataError",
     "DatasetNotFoundError",
+    "InvalidArgumentError",
     "LabelNotFoundError",
     "LayerNotFoundError",
     "NonFiniteError",
@@ -49,6 +52,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
     "StoreMismatchError",
     "VerifyReport",
     "build_store",

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "DataError",
     "DatasetNotFoundError",
+    "InvalidArgumentError",
     "LabelNotFoundError",
     "LayerNotFoundError",
     "NonFiniteError",
@@ -20,6 +21,7 @@ __all__ = [
     "StoreCorruptedError",
     "StoreError",
     "StoreExistsError",
+    "StoreLockedError",
     "StoreMismatchError",
 ]
 
@@ -63,6 +65,10 @@ class StoreCorruptedError(StoreError):
     """A store chunk that fails its checksum or cannot be decoded."""
 
 
+class StoreLockedError(StoreError):
+    """Another process is writing the store (one writer at a time)."""
+
+
 class StoreMismatchError(ProbeEngineError, ValueError):
     """Resuming a store with another model, dataset or configuration than it was made with."""
 
@@ -87,3 +93,7 @@ class RunNotFoundError(ProbeEngineError, KeyError):
 
 class ReductionError(ProbeEngineError, ValueError):
     """A reduction spec that is malformed or does not fit the layer's shape."""
+
+
+class InvalidArgumentError(ProbeEngineError, ValueError, TypeError):
+    """An argument of the wrong type or value (unknown option, negative count, ...)."""

@@ -11,11 +11,13 @@ BUILTIN = {
     E.StoreError: OSError,
     E.StoreExistsError: FileExistsError,
     E.StoreCorruptedError: OSError,
+    E.StoreLockedError: OSError,
     E.StoreMismatchError: ValueError,
     E.DataError: ValueError,
     E.NonFiniteError: ValueError,
     E.DatasetNotFoundError: FileNotFoundError,
     E.ReductionError: ValueError,
+    E.InvalidArgumentError: ValueError,
     E.RunNotFoundError: KeyError,
 }
 
@@ -38,7 +40,9 @@ def test_hierarchy(cls):
 def test_subclasses():
     assert issubclass(E.StoreExistsError, E.StoreError)
     assert issubclass(E.StoreCorruptedError, E.StoreError)
+    assert issubclass(E.StoreLockedError, E.StoreError)
     assert issubclass(E.NonFiniteError, E.DataError)
+    assert issubclass(E.InvalidArgumentError, TypeError)  # like scikit-learn's
 
 
 @pytest.mark.parametrize("cls", [E.LayerNotFoundError, E.LabelNotFoundError, E.SplitNotFoundError])
