@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 import engine
 
@@ -15,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def _example(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
@@ -30,12 +34,38 @@ def test_synthetic_image_folder_layout(tmp_path):
 
 
 def test_resnet50_on_synthetic_images_probes_its_17_sites(tmp_path):
-    mod = _example("resnet50")
-    assert len(mod.SITES) == 17
-    page = mod.main(["--synthetic", "60", "--image-size", "64", "--out", str(tmp_path),
-                     "--device", "cpu", "--quiet"])
+    mod = _example("imagenet")
+    sites = mod.EXPERIMENTS["resnet50"].sites
+    assert len(sites) == 17
+    page = mod.main(["--model", "resnet50", "--synthetic", "60", "--image-size", "64",
+                     "--out", str(tmp_path), "--device", "cpu", "--quiet"])
     table = pd.read_csv(page.parent / "results.csv")
-    assert list(table.layer.drop_duplicates()) == mod.SITES
+    assert list(table.layer.drop_duplicates()) == sites
     assert set(table.split) == {"train", "valid"}
     dims = table.drop_duplicates("layer").dim.tolist()
     assert dims == [64] + [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # pooled channels
+
+
+def test_inception_v3_probes_1000_fixed_random_features_at_its_17_sites(tmp_path):
+    mod = _example("imagenet")
+    sites = mod.EXPERIMENTS["inception_v3"].sites
+    assert len(sites) == 17
+    page = mod.main(["--model", "inception_v3", "--synthetic", "40", "--image-size", "75",
+                     "--out", str(tmp_path), "--device", "cpu", "--quiet"])
+    table = pd.read_csv(page.parent / "results.csv")
+    assert list(table.layer.drop_duplicates()) == sites
+    assert set(table.drop_duplicates("layer").dim) == {1000}
+    store = engine.open_store(tmp_path / "store.zarr")
+    for site in (sites[0], sites[-1]):  # a fixed, sorted, distinct subset of each site
+        idx = store.reduction_indices(site)
+        assert len(idx) == 1000 and (np.diff(idx) > 0).all()
+    assert store.layer_info("avgpool")["reduction"] == "subsample:1000"
+    assert "not fair between sites" in page.read_text()
+
+
+def test_too_small_an_image_for_inception_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _example("imagenet").main(["--model", "inception_v3", "--synthetic", "10",
+                                   "--image-size", "64", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "at least 75" in capsys.readouterr().err
