@@ -8,6 +8,7 @@ in the capture loop at its next hand-over (or at ``close``), naming the array an
 
 from __future__ import annotations
 
+import errno as _errno
 import queue
 import threading
 import time
@@ -38,8 +39,11 @@ class BlockWriter:
     ``release(block)`` hands its buffers back to the capture loop, written or not."""
 
     def __init__(self, group: zarr.Group, commit: Callable[[Block], None],
-                 release: Callable[[Block], None], *, depth: int = 1):
+                 release: Callable[[Block], None], *, depth: int = 1,
+                 only: dict[str, set[int]] | None = None, where: str | None = None):
         self.group = group
+        self.only = only  # array path -> row-chunk indices to write (a repair); None: all
+        self.where = where or str(group.store)
         self.commit = commit
         self.release = release
         self.bytes_written = 0
@@ -85,12 +89,16 @@ class BlockWriter:
             arr = self._arrays[path] = self.group[path].with_config({"write_empty_chunks": True})
         return arr
 
-    @staticmethod
-    def _write(arr: zarr.Array, start: int, data: np.ndarray) -> None:
+    def _write(self, arr: zarr.Array, start: int, data: np.ndarray, at: list) -> None:
         # One chunk per call: zarr then encodes the caller's buffer as is, where a multi-chunk
         # write would first copy every chunk into a fill-value-initialised scratch array.
         step = arr.chunks[0]
+        wanted = None if self.only is None else self.only.get(arr.path, set())
         for a in range(0, len(data), step):
+            c = (start + a) // step
+            if wanted is not None and c not in wanted:
+                continue
+            at[:] = [arr.path, f"{arr.path}/c/{c}" + "/0" * (arr.ndim - 1)]
             arr[start + a : start + a + step] = data[a : a + step]
 
     def _run(self) -> None:
@@ -102,23 +110,43 @@ class BlockWriter:
                 self.release(block)
                 continue  # drain without writing after a failure
             t0 = time.perf_counter()
-            path = None
+            at: list = []
             try:
                 for path, data in block.arrays.items():
-                    self._write(self._array(path), block.start, data)
-                path = None
+                    at[:] = [path, None]
+                    self._write(self._array(path), block.start, data, at)
+                at = []
                 self.commit(block)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the capture thread
-                where = f"array {path!r}" if path else "the commit"
-                err = StoreError(
-                    f"writing rows {block.start}..{block.stop} of split {block.split!r} "
-                    f"failed at {where} of {self.group.store}: {exc}. Rows before "
-                    f"{block.start} are committed; fix the cause and rerun with resume=True"
-                )
-                err.__cause__ = exc
-                self._error = err
+                self._error = write_error(exc, self.where, block, *(at or [None, None]))
             else:
                 self.bytes_written += block.nbytes
                 self.seconds_busy += time.perf_counter() - t0
             finally:
                 self.release(block)
+
+
+def write_error(exc: BaseException, where: str, block: Block, array: str | None,
+                chunk: str | None) -> StoreError:
+    """The error of a failed block write: the store, split, rows, array and chunk, the
+    cause in words (a full disk, no permission, ...), and what to do."""
+    if array is None:
+        what = "the commit (root metadata)"
+    elif chunk is None:
+        what = f"array {array!r}"
+    else:
+        what = f"chunk {chunk} (array {array!r})"
+    errno_ = getattr(exc, "errno", None)
+    if errno_ == _errno.ENOSPC or errno_ == _errno.EDQUOT:
+        cause = f"the disk holding {where} is full ({exc}); free some space"
+    elif errno_ in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        cause = f"no permission to write into {where} ({exc}); make it writable"
+    else:
+        cause = f"{type(exc).__name__}: {exc}; fix the cause"
+    err = StoreError(
+        f"writing rows {block.start}..{block.stop} of split {block.split!r} of the store at "
+        f"{where} failed at {what}: {cause}, then rerun build_store with resume=True. Rows "
+        f"before {block.start} are committed and intact; no chunk is half-written"
+    )
+    err.__cause__ = exc
+    return err
