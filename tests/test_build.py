@@ -525,9 +525,9 @@ def test_interrupted_creation_is_resumable(tmp_path, fashion, convnet, monkeypat
     path = tmp_path / "s.zarr"
     original = build_module._ensure_arrays
 
-    def half(group, meta, reductions, cname):
+    def half(group, meta, reductions, cname, **kw):
         meta = {**meta, "layers": meta["layers"][:3]}
-        original(group, meta, reductions, cname)
+        original(group, meta, reductions, cname, **kw)
         raise KeyboardInterrupt("killed while creating arrays")
 
     monkeypatch.setattr(build_module, "_ensure_arrays", half)
