@@ -76,6 +76,16 @@ def _long_table(states: dict[str, ProbeResults]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+#: beyond this many sites, figures keep their size and label every k-th site only
+LABELLED_SITES = 40
+
+
+def _site_ticks(layers: list[str]) -> tuple[list[int], list[str]]:
+    step = math.ceil(len(layers) / LABELLED_SITES)
+    idx = list(range(0, len(layers), step))
+    return idx, [layers[i] for i in idx]
+
+
 def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -83,7 +93,8 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
     layers = max((list(r.table.layer.drop_duplicates()) for r in states.values()), key=len)
     worst = max(float(r.table.top1_error.max()) for r in states.values())
     top = min(1.0, 0.05 * math.ceil((worst * 1.1 + 0.02) / 0.05))  # one y-axis for all
-    width = max(6.0, 0.45 * len(layers) + 2.0)
+    width = max(6.0, 0.45 * min(len(layers), LABELLED_SITES) + 2.0)
+    ms = 4 if len(layers) <= LABELLED_SITES else 0
     fig = Figure(figsize=(width, 3.2 * n + 0.6), layout="constrained")
     axes = fig.subplots(n, 1, sharey=True, squeeze=False)[:, 0]
     styles = {"train": ("#4c72b0", ":"), "valid": ("#55a868", "--"), "test": ("#c44e52", "-")}
@@ -95,14 +106,13 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
                 continue
             color, ls = styles[split]
             x = [layers.index(layer) for layer in part.layer]
-            ax.plot(x, part.top1_error, ls, color=color, marker="o", ms=4, lw=1.5,
+            ax.plot(x, part.top1_error, ls, color=color, marker="o", ms=ms, lw=1.5,
                     label=f"{split} error")
         ax.set_title(state, loc="left", fontsize=11, fontweight="bold")
         ax.set_ylabel("top-1 error")
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels(layers, rotation=35, ha="right", fontsize=9)
+        ax.set_xticks(*_site_ticks(layers), rotation=35, ha="right", fontsize=9)
         # above the axes, beside the title: never over the data
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8,
                   frameon=False, borderaxespad=0.2)
@@ -121,16 +131,18 @@ def _heatmap(states: dict[str, ProbeResults], split: str, path: Path) -> None:
             res.table))
         for layer, v in err.items():
             grid[layers.index(layer), j] = v
-    fig = Figure(figsize=(max(5.0, 0.6 * len(states) + 3), 0.35 * len(layers) + 1.8),
+    shown = min(len(layers), LABELLED_SITES)
+    fig = Figure(figsize=(max(5.0, 0.6 * len(states) + 3), 0.35 * shown + 1.8),
                  layout="constrained")
     ax = fig.subplots()
     top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
     im = ax.imshow(grid, aspect="auto", cmap="viridis_r", vmin=0, vmax=max(top, 1e-6))
-    for (i, j), v in np.ndenumerate(grid):  # the numbers, not only the shades
-        if np.isfinite(v):
+    numbers = len(layers) <= LABELLED_SITES  # the numbers too, while they fit
+    for (i, j), v in np.ndenumerate(grid):
+        if numbers and np.isfinite(v):
             ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
                     color="white" if v > 0.6 * top else "black")
-    ax.set_yticks(range(len(layers)), layers, fontsize=9)
+    ax.set_yticks(*_site_ticks(layers), fontsize=9)
     ax.set_xticks(range(len(states)), list(states), rotation=35, ha="right", fontsize=9)
     ax.set_xlabel("model state (training step)")
     ax.set_ylabel("probe site")

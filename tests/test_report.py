@@ -3,6 +3,7 @@ self-contained page, CSV and JSON that hold every number)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -71,6 +72,17 @@ def test_a_sweep_adds_the_heatmap(tmp_path):
     fmt, (w, h) = _png_size(tmp_path / "heatmap.png")
     assert fmt == "PNG" and w >= 400 and h >= 250
     assert "heatmap" in (tmp_path / "index.html").read_text()
+
+
+def test_a_deep_sweep_keeps_its_figures_readable(tmp_path):
+    """129 sites (the pathological model): figures keep a sane size, every k-th site named."""
+    layers = [f"layers.{k}" for k in range(128)] + ["logits"]
+    report({f"epoch {k}": _results(k, layers) for k in range(3)}, tmp_path)
+    for name in ("errors.png", "heatmap.png"):
+        fmt, (w, h) = _png_size(tmp_path / name)
+        assert fmt == "PNG" and w <= 2500 and h <= 5000, (name, w, h)
+    idx, labels = importlib.import_module("engine.report")._site_ticks(layers)
+    assert len(labels) <= 40 and labels[0] == "layers.0" and idx == sorted(idx)
 
 
 def test_one_result_and_bad_input(tmp_path):
