@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["load_model", "mnist_convnet", "train"]
+__all__ = ["SkipMLP", "load_model", "mnist_convnet", "train"]
 
 
 def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
@@ -55,6 +56,43 @@ def mnist_convnet(num_classes: int = 10, in_channels: int = 1) -> nn.Sequential:
     )
 
 
+class SkipMLP(nn.Module):
+    """The pathological model of the paper's section 5.1: ``depth`` fully connected layers of
+    ``width`` units with leaky ReLUs, and a skip connection that adds layer ``skip[0]``'s
+    output to layer ``skip[1]``'s input.
+
+    Input (B, ...) flattened to (B, in_features) -> logits (B, num_classes). The probe sites
+    are ``layers.0`` ... ``layers.{depth-1}`` (each (B, width), after the activation) and
+    ``logits``. Weights are drawn N(0, gain^2 / fan_in) and biases as PyTorch's default, so a
+    ``gain`` below He's sqrt(2) makes a long chain forget its input (the paper's "garbage
+    forwardprop"); seed with ``torch.manual_seed`` first.
+    """
+
+    def __init__(self, depth: int = 128, width: int = 128, skip: tuple[int, int] = (0, 64),
+                 in_features: int = 784, num_classes: int = 10, *,
+                 negative_slope: float = 0.01, gain: float = 1.3):
+        super().__init__()
+        if not 0 <= skip[0] < skip[1] < depth:
+            raise ValueError(f"skip={skip} must join two layers 0 <= from < to < depth={depth}")
+        self.skip = skip
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_features if k == 0 else width, width),
+                          nn.LeakyReLU(negative_slope)) for k in range(depth))
+        self.logits = nn.Linear(width, num_classes)
+        for layer in [*(block[0] for block in self.layers), self.logits]:
+            nn.init.normal_(layer.weight, 0.0, gain / layer.in_features ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, kept = x.flatten(1), None
+        for k, block in enumerate(self.layers):
+            if k == self.skip[1]:
+                h = h + kept
+            h = block(h)
+            if k == self.skip[0]:
+                kept = h
+        return self.logits(h)
+
+
 def load_model(name: str, *, weights: str | None = None, num_classes: int | None = None
                ) -> nn.Module:
     """A model by name: ``"mnist_convnet"`` or any torchvision classification model
@@ -87,22 +125,30 @@ def load_model(name: str, *, weights: str | None = None, num_classes: int | None
 
 
 def train(model: nn.Module, dataset, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 64,
-          seed: int = 0, device: str | torch.device = "cpu", progress: bool = True
-          ) -> list[float]:
-    """Train ``model`` in place on ``dataset`` (``(input, label)`` items) with Adam and
-    cross-entropy, in a seeded shuffled order; leaves it in eval mode on its device.
+          seed: int = 0, device: str | torch.device = "cpu", optimizer: str = "adam",
+          momentum: float = 0.9, clip_grad_norm: float | None = None,
+          on_epoch: Callable[[int, nn.Module], None] | None = None,
+          progress: bool = True) -> list[float]:
+    """Train ``model`` in place on ``dataset`` (``(input, label)`` items) with cross-entropy,
+    Adam or SGD (with ``momentum``), gradients clipped to ``clip_grad_norm`` (L2 over all
+    parameters) if given, in a seeded shuffled order; leaves it in eval mode on its
+    device. ``on_epoch(epoch, model)`` runs after each epoch (1, 2, ...), e.g. to keep a
+    checkpoint.
 
     Returns the mean training loss of each epoch.
     """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer={optimizer!r}: use 'adam' or 'sgd'")
     from torch.utils.data import DataLoader
 
-    gen = torch.Generator().manual_seed(seed)
     from .datasets import collate
 
+    gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
                         collate_fn=collate)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = (torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam" else
+           torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
     losses = []
     for epoch in range(epochs):
         total, count = 0.0, 0
@@ -112,9 +158,15 @@ def train(model: nn.Module, dataset, *, epochs: int = 1, lr: float = 1e-3, batch
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             opt.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
         losses.append(total / max(count, 1))
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch + 1, model)
+            model.train()
     model.eval()
     return losses

@@ -3,7 +3,7 @@ import torch
 from conftest import MNIST_SHAPES
 from torch import nn
 
-from engine.models import mnist_convnet
+from engine.models import SkipMLP, mnist_convnet, train
 
 NAMES = [
     "conv1_preact",
@@ -56,3 +56,48 @@ def test_options_and_seeding():
     torch.manual_seed(1)
     b = mnist_convnet().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skip_mlp_shapes_sites_and_the_skip():
+    torch.manual_seed(0)
+    model = SkipMLP(depth=12, width=16, skip=(0, 6), in_features=20, num_classes=3)
+    x = torch.randn(5, 4, 5)
+    assert model(x).shape == (5, 3)
+    names = [name for name, _ in model.named_modules()]
+    assert [f"layers.{k}" for k in range(12)] + ["logits"] == [
+        n for n in names if n.count(".") == 1 and n.startswith("layers") or n == "logits"]
+    seen = {}
+    for k in (0, 5, 6):
+        model.layers[k].register_forward_hook(
+            lambda mod, args, out, k=k: seen.update({k: (args[0], out)}))
+    model(x)
+    torch.testing.assert_close(seen[6][0], seen[0][1] + seen[5][1])  # layer 6 gets 0's output
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="skip"):
+        SkipMLP(depth=8, skip=(4, 4))
+
+
+def test_skip_mlp_init_gain():
+    torch.manual_seed(0)
+    model = SkipMLP(depth=4, width=512, skip=(0, 2), gain=1.3)
+    w = model.layers[1][0].weight
+    assert float(w.detach().std()) == pytest.approx(1.3 / 512**0.5, rel=0.02)
+
+
+def test_train_with_sgd_clipping_and_a_checkpoint_per_epoch():
+    from engine.datasets import ArrayDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 4, 4)
+    y = (x.flatten(1).sum(1) > 0).long()
+    data = ArrayDataset(x, y, ["neg", "pos"], mean=None, std=None)
+    model = SkipMLP(depth=3, width=8, skip=(0, 2), in_features=16, num_classes=2)
+    seen = []
+    losses = train(model, data, epochs=3, lr=0.1, optimizer="sgd", clip_grad_norm=0.5,
+                   batch_size=16, progress=False,
+                   on_epoch=lambda epoch, m: seen.append((epoch, m.training)))
+    assert seen == [(1, False), (2, False), (3, False)]  # checkpoints in eval mode
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not model.training
+    with pytest.raises(ValueError, match="optimizer"):
+        train(model, data, optimizer="lbfgs")
