@@ -10,7 +10,8 @@ Used by ``tests/test_reliability.py`` (and meant for a ``python -m benchmarks.re
   moment: at the N-th key zarr's ``LocalStore`` writes (before it, halfway through its
   temporary file, or just after its rename), at the N-th forward pass, or after the K-th
   saved probe. Every moment is hit deterministically, with no sleeping.
-- :func:`trace_writes`: the keys an uninterrupted build writes, in order, to pick moments.
+- :func:`trace_writes`: the keys an uninterrupted build writes, in order, to pick moments;
+  :func:`kill_sweep`: a kill at every key (or every ``step``-th), each resumed and compared.
 - :func:`corrupt`: flip a byte in, truncate or delete a chunk file.
 - :func:`compare_stores`: every difference between two stores (arrays, attributes).
 """
@@ -203,6 +204,42 @@ def trace_writes(path: str | os.PathLike, trace: str | os.PathLike, **kw) -> lis
     if code != 0:
         raise RuntimeError(f"the traced build exited with {code}")
     return Path(trace).read_text().splitlines()
+
+
+def kill_sweep(root: str | os.PathLike, *, modes=("mid", "before", "after"), step: int = 1,
+               ) -> dict:
+    """Kill the tiny build at every ``step``-th key it writes, in each of ``modes``, resume
+    it in this process, and compare it with an uninterrupted build.
+
+    Returns {"tried": kills, "survived": resumed stores equal to the reference that pass
+    ``verify`` with no temporary file left, "failures": [(n, mode, key, what)]}.
+    """
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ref = root / "reference.zarr"
+    keys = trace_writes(ref, root / "trace.txt")
+    out: dict = {"tried": 0, "survived": 0, "failures": []}
+    for n in range(1, len(keys) + 1, step):
+        for mode in modes:
+            path = root / "killed.zarr"
+            shutil.rmtree(path, ignore_errors=True)
+            out["tried"] += 1
+            code = run_child(child_build, str(path), {"at": "write", "n": n, "mode": mode})
+            try:
+                store = build(path)
+                problems = [*compare_stores(ref, path), *store.verify().problems,
+                            *map(str, partial_files(path))]
+            except Exception as exc:  # noqa: BLE001 - a failure to report, not to raise
+                problems = [f"{type(exc).__name__}: {exc}"]
+            if code != -signal.SIGKILL:
+                problems.insert(0, f"the child exited with {code}, not SIGKILL")
+            if problems:
+                out["failures"].append((n, mode, keys[n - 1], problems))
+            else:
+                out["survived"] += 1
+    return out
 
 
 # -- damage ----------------------------------------------------------------------------------

@@ -102,6 +102,13 @@ def test_build_killed_at_any_moment_resumes_to_the_same_store(reference, tmp_pat
     assert not _lock.lock_path(path).exists()
 
 
+@pytest.mark.slow
+def test_kills_at_every_twelfth_write_all_resume(tmp_path):
+    result = F.kill_sweep(tmp_path, modes=("mid",), step=12)
+    assert result["tried"] >= 20
+    assert result["failures"] == [] and result["survived"] == result["tried"]
+
+
 def test_commits_count_exactly_the_written_blocks(reference, tmp_path):
     """Killed after the k-th commit, exactly k blocks are committed; killed before it, k-1."""
     ref, keys = reference
