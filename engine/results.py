@@ -4,14 +4,16 @@ store (``probes/<run>/<layer>/{W,b}``, JSON attributes, no pickles)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import zarr
 
+from ._data import check_name
 from .errors import RunNotFoundError, StoreError, StoreMismatchError
-from .store import ATTR, Store
+from .store import ATTR, Store, is_local
 
 __all__ = ["ProbeResults", "load_results"]
 
@@ -90,8 +92,12 @@ def _writable(store: Store):
 
 def start_run(store: Store, run: str, config: dict) -> None:
     """Create ``probes/<run>`` with ``config``, or check that an existing one matches."""
-    if not run or "/" in run or run.startswith("__"):
-        raise ValueError(f"run name {run!r} must be non-empty, without '/'")
+    check_name(run, "run name")
+    if is_local(store.path) and not all(
+            os.access(p, os.W_OK) for p in (store.path, f"{store.path}/probes")
+            if os.path.exists(p)):
+        raise StoreError(f"cannot write probes into {store.path}: the store is read-only (no "
+                         f"write permission); make it writable, or solve a copy")
     root = _group(store)
     fingerprint = {"model": store.meta["model"]["digest"],
                    "dataset": {s: v["digest"] for s, v in
@@ -168,6 +174,7 @@ def _nan(x):
 def load_results(path: str | Store, run: str = "default") -> ProbeResults:
     """The results of ``run`` saved in the store at ``path``."""
     store = path if isinstance(path, Store) else Store(path)
+    check_name(run, "run name")
     root = _group(store, "r")
     if f"probes/{run}" not in root:
         runs = sorted(root["probes"].group_keys()) if "probes" in root else []

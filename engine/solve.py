@@ -32,11 +32,13 @@ from kernels import softmax_xent, uses_cuda_kernel
 from kernels.reference import softmax_xent as reference_softmax_xent
 
 from . import schedule
+from ._data import check_name
 from ._devices import resolve_device
 from ._lbfgs import LBFGSState
 from ._precond import RANK, LowRankPreconditioner, top_eigenpairs
 from .errors import (
     DataError,
+    InvalidArgumentError,
     LayerNotFoundError,
     NonFiniteError,
     SplitNotFoundError,
@@ -120,14 +122,15 @@ def solve(
         :class:`ProbeResults`: ``.table`` has one row per (layer, split).
     """
     if solver not in ("lbfgs", "sgd"):
-        raise ValueError(f"solver must be 'lbfgs' or 'sgd', not {solver!r}")
+        raise InvalidArgumentError(f"solver must be 'lbfgs' or 'sgd', not {solver!r}")
     if epochs < 1 or patience < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"epochs, patience and batch_size must be >= 1 and lr > 0, got "
-                         f"{epochs}, {patience}, {batch_size}, {lr}")
+        raise InvalidArgumentError(f"epochs, patience and batch_size must be >= 1 and lr > 0, "
+                                   f"got {epochs}, {patience}, {batch_size}, {lr}")
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+        raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if max_iter < 1 or not tol > 0:
-        raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter}, {tol}")
+        raise InvalidArgumentError(f"max_iter must be >= 1 and tol > 0, got {max_iter}, {tol}")
+    check_name(run, "run name")
     grid = _grid(l2)
     dev = resolve_device(device)
     t_start = time.perf_counter()
@@ -136,13 +139,14 @@ def solve(
     if isinstance(source, (str, Store)) or hasattr(source, "__fspath__"):
         store = source if isinstance(source, Store) else open_store(source)
         if labels is not None:
-            raise ValueError("labels= is for mapping sources; a store has its own labels")
+            raise InvalidArgumentError("labels= is for mapping sources; a store has its own "
+                                       "labels (Store.add_labels adds more)")
         data = _from_store(store, layers, label, allow_partial)
     elif isinstance(source, Mapping):
         data = _from_mapping(source, labels, layers)
     else:
-        raise TypeError(f"solve() takes a Store, a store path or a mapping of arrays, not "
-                        f"{type(source).__name__}")
+        raise InvalidArgumentError(f"solve() takes a Store, a store path or a mapping of "
+                                   f"arrays, not {type(source).__name__}")
     if len(grid) > 1 and "valid" not in data.splits:
         raise SplitNotFoundError(
             f"choosing among {len(grid)} l2 values needs a 'valid' split, and there is none "
@@ -229,12 +233,13 @@ def _results(data: _Data, finished: dict[str, dict], config: dict, run: str,
 def _grid(l2) -> tuple[float, ...]:
     if isinstance(l2, str):
         if l2 != "auto":
-            raise ValueError(f"l2 must be 'auto', a number or a list of numbers, not {l2!r}")
+            raise InvalidArgumentError(f"l2 must be 'auto', a number or a list of numbers, not "
+                                       f"{l2!r}")
         return DEFAULT_L2_GRID
     values = [l2] if isinstance(l2, numbers.Real) else list(l2)
     if not values or not all(isinstance(v, numbers.Real) and v >= 0 and math.isfinite(v)
                              for v in values):
-        raise ValueError(f"l2 values must be finite and >= 0, got {l2!r}")
+        raise InvalidArgumentError(f"l2 values must be finite and >= 0, got {l2!r}")
     return tuple(float(v) for v in sorted(set(values)))
 
 
@@ -283,8 +288,9 @@ def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
     labels = {s: torch.from_numpy(store.labels(s, label)) for s in store.splits
               if store.committed(s) > 0}
     if "train" not in labels:
-        raise SplitNotFoundError(f"{store.path} has no committed 'train' rows to fit on; "
-                                 f"splits: {store.splits}")
+        raise SplitNotFoundError(f"{store.path} has no committed 'train' rows to fit on "
+                                 f"(splits: {store.splits}); finish the build with "
+                                 f"build_store(..., resume=True)")
     info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
             for layer in chosen}
     dims = {layer: info[layer]["dim"] for layer in chosen}
@@ -299,6 +305,15 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())  # e.g. np.load(mmap_mode="r")
 
 
+def _as_labels(y: Any, split: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        a = np.asarray(y[:] if hasattr(y, "chunks") else y)
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"labels of split {split!r} are {a.dtype}, not integer class "
+                            f"indices; map them to 0..C-1 first")
+    return _as_tensor(y)
+
+
 def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
     first = next(iter(source.values()), None)
     by_split = source if isinstance(first, Mapping) else {"train": source}
@@ -311,7 +326,7 @@ def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
     if "train" not in by_split:
         raise SplitNotFoundError(f"no 'train' split to fit on; splits: {sorted(by_split)}")
     chosen = list(by_split["train"]) if layers is None else list(layers)
-    y = {s: _as_tensor(v) for s, v in labels.items()}
+    y = {s: _as_labels(v, s) for s, v in labels.items()}
     dims = {}
     for split, layers_of in by_split.items():
         missing = [layer for layer in chosen if layer not in layers_of]
@@ -323,6 +338,9 @@ def _from_mapping(source: Mapping, labels: Any, layers) -> _Data:
             if len(shape) != 2 or shape[0] != y[split].shape[0]:
                 raise DataError(f"layer {layer!r}, split {split!r}: features of shape {shape} "
                                 f"do not match {y[split].shape[0]} labels")
+            if shape[1] == 0:
+                raise DataError(f"layer {layer!r}, split {split!r} has zero features (shape "
+                                f"{shape}); leave it out")
             if dims.setdefault(layer, shape[1]) != shape[1]:
                 raise DataError(f"layer {layer!r} has {dims[layer]} features on one split "
                                 f"and {shape[1]} on {split!r}")
