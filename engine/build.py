@@ -25,22 +25,33 @@ import torch
 import zarr
 from torch import nn
 from tqdm.auto import tqdm
+from zarr.core.sync import sync
 
+from . import _lock
 from . import store as _store
-from ._data import SplitSource, compute_extra, extra_labels, resolve_splits, sample_digest
+from ._data import (
+    SplitSource,
+    check_targets,
+    compute_extra,
+    extra_labels,
+    resolve_splits,
+    sample_digest,
+)
 from ._devices import resolve_device
 from ._fingerprint import differences, model_fingerprint
 from ._writer import Block, BlockWriter
 from .capture import Site, _check_sites, discover_sites, hooked, select_modules
 from .errors import (
     DataError,
+    InvalidArgumentError,
     NonFiniteError,
     ProbeEngineError,
+    StoreCorruptedError,
     StoreError,
     StoreExistsError,
     StoreMismatchError,
 )
-from .reduce import Reduction, resolve_reduction
+from .reduce import Reduction, check_reduce, check_reduce_keys, resolve_reduction
 from .store import ATTR, DTYPES, FORMAT_VERSION, Store
 
 __all__ = ["build_store"]
@@ -73,6 +84,7 @@ def build_store(
     nan_policy: str = "raise",
     resume: bool = True,
     overwrite: bool = False,
+    repair: bool = False,
     progress: bool = True,
     client: Any = None,
 ) -> Store:
@@ -102,7 +114,13 @@ def build_store(
         block_bytes: host bytes of one block of rows (all layers); two blocks are in flight.
         nan_policy: ``"raise"`` on NaN / inf activations (naming layer and row) or ``"ignore"``.
         resume: continue an interrupted build at ``path`` made with the same model, data and
-            config (anything else is refused, naming the difference).
+            config (anything else is refused, naming the difference). A complete store is
+            returned as it is: nothing is written.
+        repair: with ``resume``, first verify the committed rows (:meth:`Store.verify`) and
+            rewrite exactly the chunks that are missing, truncated or fail their checksum,
+            recomputing only the blocks of rows that hold them (every other file is left
+            untouched); then finish the build as ``resume`` does. Problems other than
+            chunks (a wrong shape, bad metadata) raise :class:`StoreCorruptedError`.
         overwrite: replace an existing store at ``path``; never deletes anything that is not
             a probe-engine store.
         client: a ``distributed.Client`` (e.g. :func:`engine.cluster`): the rows are cut into
@@ -110,26 +128,34 @@ def build_store(
             write them into the store at ``path``, which all of them must reach (a shared
             filesystem). The store equals a single-process build's.
 
+    Only one process may write a store: a second ``build_store`` on the same path while one
+    runs raises :class:`StoreLockedError` naming the holder's pid and host. The lock dies
+    with its process (see ``docs/reliability.md``); a Dask build holds it in the driver.
+
     Returns:
         The :class:`Store`, complete.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        raise InvalidArgumentError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if nan_policy not in ("raise", "ignore"):
-        raise ValueError(f"nan_policy must be 'raise' or 'ignore', not {nan_policy!r}")
+        raise InvalidArgumentError(f"nan_policy must be 'raise' or 'ignore', not {nan_policy!r}")
     if compressor not in _store.COMPRESSORS:
-        raise ValueError(f"compressor must be one of {sorted(_store.COMPRESSORS)}, "
-                         f"not {compressor!r}")
+        raise InvalidArgumentError(f"compressor must be one of {sorted(_store.COMPRESSORS)}, "
+                                   f"not {compressor!r}")
     if autocast not in _AUTOCAST:
-        raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', not {autocast!r}")
+        raise InvalidArgumentError(f"autocast must be None, 'bfloat16' or 'float16', not "
+                                   f"{autocast!r}")
     if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InvalidArgumentError(f"batch_size must be at least 1, not {batch_size}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, not a "
+                                   f"{type(model).__name__}")
     sides = _check_sites(sites)
+    check_reduce(reduce)
     path = str(path)
 
     splits = resolve_splits(data, valid_size=valid_size, seed=seed)
+    check_targets(splits, num_classes)
     extras = extra_labels(labels, splits)
     batch_size = int(batch_size or splits[0].batch_size or 256)
 
@@ -144,10 +170,16 @@ def build_store(
 
     modules = select_modules(model, layers)
     run = _Runner(model, _resolve_device(model, device), autocast, channels_last)
-    with run:
+    with _lock.hold(path), run:
+        existing = _store.describe_path(path)  # again, now that no other writer can change it
+        if existing and not overwrite and not resume:
+            raise StoreExistsError(f"a store already exists at {path}; pass resume=True to "
+                                   f"finish or reuse it, overwrite=True to replace it, or "
+                                   f"another path")
         first = splits[0]
         probe = first.fetch(list(range(min(2, first.rows))))
         found = discover_sites(model, modules, sides, lambda: run.forward(probe.inputs))
+        check_reduce_keys(reduce, [site for site, _ in found])
         reductions = {
             site.key: resolve_reduction(_spec_for(reduce, site), shape, key=site.key,
                                         max_features=max_features, seed=seed,
@@ -161,11 +193,20 @@ def build_store(
         if existing and overwrite:
             _store.remove_store(path)
             existing = None
-        group = _reopen(path, meta) if existing else _create_root(path, meta)
-        _ensure_arrays(group, meta, reductions, compressor)
+        if existing:
+            group = _reopen(path, meta)  # a refusal leaves the store as it is
+        # temporary files and empty folders of killed writers: only a lock holder may
+        # remove them
+        _store.remove_partial_files(path)
+        if not existing:
+            group = _create_root(path, meta)
+        _ensure_arrays(group, meta, reductions, compressor, repair=repair)
         store_meta = dict(group.attrs[ATTR])
         capture = dict(dtype=dtype, sides=sides, batch_size=batch_size, nan_policy=nan_policy)
         sites_found = [s for s, _ in found]
+        if repair and existing:
+            _repair(run, path, group, store_meta, splits, sites_found, reductions, extras,
+                    capture, progress=progress)
         if client is not None:
             from . import schedule
 
@@ -177,7 +218,58 @@ def build_store(
             _remove_markers(path)  # of an unfinished Dask build: its blocks are redone here
             _capture(run, group, store_meta, splits, sites_found, reductions, extras,
                      progress=progress, path=path, **capture)
+        if store_meta["dataset"]["num_classes"] is None and all(
+                i["rows_committed"] == i["rows"] for i in store_meta["splits"].values()):
+            _infer_num_classes(group, store_meta, splits)  # writes only what is not there
     return Store(path)
+
+
+# -- repair ------------------------------------------------------------------------------
+def _repair(run: _Runner, path: str, group: zarr.Group, meta: dict,
+            splits: list[SplitSource], sites: list[Site], reductions: dict[str, Reduction],
+            extras: dict, capture: dict, *, progress: bool) -> list[tuple[str, int]]:
+    """Verify the committed rows and rewrite exactly the chunks that are missing or do not
+    decode, recomputing only the blocks of rows that hold them; returns those chunks."""
+    report = Store(path).verify()
+    if len(report.problems) > len(report.bad_chunks):  # not only chunks: not repairable here
+        chunk_keys = {f"{a}/c/{c}" for a, c in report.bad_chunks}
+        other = [p for p in report.problems if not any(p.startswith(k) for k in chunk_keys)]
+        raise StoreCorruptedError(
+            f"the store at {path} has problems a chunk repair cannot fix:\n  "
+            + "\n  ".join(other[:12])
+            + "\nRebuild it with overwrite=True (or build into another path)")
+    if not report.bad_chunks:
+        return []
+    block_rows = meta["config"]["block_rows"]
+    only: dict[str, set[int]] = {}
+    blocks: dict[str, set[int]] = {}
+    names = {s.name for s in splits}
+    for array, c in report.bad_chunks:
+        split = array.split("/", 1)[0]
+        if split not in names:  # pragma: no cover - verify checks splits of the metadata
+            raise StoreCorruptedError(f"{path}: chunk {array}/c/{c} belongs to no split")
+        only.setdefault(array, set()).add(c)
+        step = group[array].chunks[0]
+        blocks.setdefault(split, set()).add(c * step // block_rows * block_rows)
+    for split in splits:
+        for b0 in sorted(blocks.get(split.name, ())):
+            b1 = min(b0 + block_rows, split.rows)
+            _capture(run, group, meta, splits, sites, reductions, extras, progress=progress,
+                     path=path, ranges={split.name: (b0, b1)}, on_commit=lambda block: None,
+                     only=only, **capture)
+    still = []
+    for array, chunks in only.items():
+        arr, step = group[array], group[array].chunks[0]
+        for c in sorted(chunks):
+            try:
+                arr[c * step : min((c + 1) * step, arr.shape[0])]
+            except (ValueError, RuntimeError, OSError):
+                still.append(f"{array}/c/{c}")
+    if still:
+        raise StoreCorruptedError(f"{path}: chunks {still} still do not decode after being "
+                                  f"rewritten; check the disk, then rebuild with "
+                                  f"overwrite=True")
+    return report.bad_chunks
 
 
 # -- shard-parallel capture (engine.schedule.build_on drives it) --------------------------
@@ -250,9 +342,9 @@ def _finish_shards(path: str, group: zarr.Group, meta: dict, splits: list[SplitS
         if labels:
             info["max_label"] = max(info.get("max_label", -1), *labels)
         info["rows_committed"] = s.rows
-    group.attrs.update({ATTR: meta})
     if meta["dataset"]["num_classes"] is None:
-        _infer_num_classes(group, meta, splits)
+        _infer_num_classes(group, meta, splits)  # before the commit that says "complete"
+    group.attrs.update({ATTR: meta})
     _remove_markers(path)
 
 
@@ -336,8 +428,11 @@ def _reopen(path: str, meta: dict) -> zarr.Group:
     group = zarr.open_group(_store._zarr_store(path, read_only=False), mode="r+")
     stored = dict(group.attrs[ATTR])
     if stored.get("format") != FORMAT_VERSION:
+        newer = isinstance(stored.get("format"), int) and stored["format"] > FORMAT_VERSION
         raise StoreError(f"{path} has store format {stored.get('format')!r}; this "
-                         f"probe-engine writes format {FORMAT_VERSION}; use another path")
+                         f"probe-engine writes format {FORMAT_VERSION}; "
+                         f"{'upgrade probe-engine to resume it, or ' if newer else ''}"
+                         f"use another path")
     keys = ("model", "dataset", "layers", "config")
     diff = differences({k: stored.get(k) for k in keys}, {k: meta[k] for k in keys})
     if diff:
@@ -362,16 +457,48 @@ def _create_root(path: str, meta: dict) -> zarr.Group:
 
 
 def _ensure_arrays(group: zarr.Group, meta: dict, reductions: dict[str, Reduction],
-                   cname: str) -> None:
+                   cname: str, *, repair: bool = False) -> None:
     """Create every array the metadata names that is not there yet (all of them for a new
-    store, the rest after an interrupted creation); existing ones are checked, not touched."""
+    store, the rest after an interrupted creation); existing ones are checked, not touched,
+    except a whole-array constant (subsample indices) whose chunk a kill left unwritten, or
+    (``repair``) that no longer decodes."""
+    # parents before children: zarr writes an array's metadata before its parent groups',
+    # so a kill in between would leave a folder without metadata (which zarr warns about)
+    parents = [p for split in meta["splits"] for p in (split, f"{split}/features",
+                                                       f"{split}/labels")]
+    subsampled = [k for k, r in reductions.items() if r.indices is not None]
+    if subsampled:
+        parents += ["reductions", *(f"reductions/{k}" for k in subsampled)]
+    for name in parents:
+        if not sync(group.store.exists(f"{name}/zarr.json")):
+            try:
+                zarr.open_group(group.store, path=name, mode="a")
+            except OSError as exc:
+                raise StoreError(f"cannot create group {name!r} in {group.store}: {exc}") \
+                    from exc
     existing = {name for name, node in group.members(max_depth=None)
                 if isinstance(node, zarr.Array)}
 
     def create(name: str, data=None, **kw) -> None:
         if name in existing:
             arr = group[name]
-            if arr.shape != kw["shape"] or (data is not None and not (arr[:] == data).all()):
+            if arr.shape != kw["shape"]:
+                raise StoreError(f"{group.store}: array {name!r} has shape {arr.shape}, not "
+                                 f"{kw['shape']} as the store's metadata says; rebuild with "
+                                 f"overwrite=True")
+            if data is None:
+                return
+            try:
+                stored = arr[:]
+            except (ValueError, RuntimeError, OSError) as exc:
+                if not repair:
+                    raise StoreCorruptedError(
+                        f"{group.store}: chunk {name}/c/0 does not decode ({exc}); rerun with "
+                        f"resume=True, repair=True to rewrite it") from exc
+                stored = np.full(arr.shape, -1)
+            if (stored == -1).all():  # never written (a kill) or unreadable (repair)
+                arr.with_config({"write_empty_chunks": True})[:] = data
+            elif not (stored == data).all():
                 raise StoreError(f"{group.store}: array {name!r} does not match the store's "
                                  f"metadata; rebuild with overwrite=True")
             return
@@ -451,13 +578,12 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
              sites: list[Site], reductions: dict[str, Reduction], extras: dict, *, dtype: str,
              sides: tuple[str, ...], batch_size: int, nan_policy: str, progress: bool,
              path: str, ranges: dict[str, tuple[int, int]] | None = None,
-             on_commit: Any = None) -> None:
+             on_commit: Any = None, only: dict[str, set[int]] | None = None) -> None:
     """Capture rows [start, stop) of each split (default: from ``rows_committed`` to the
     end, committing each block in the root metadata; a shard task passes its own row range
     of whole blocks and ``on_commit``)."""
     block_rows = meta["config"]["block_rows"]
     num_classes = meta["dataset"]["num_classes"]
-    sharded = ranges is not None
     if ranges is None:
         ranges = {s.name: (meta["splits"][s.name]["rows_committed"], s.rows) for s in splits}
     todo = [s for s in splits if s.name in ranges and ranges[s.name][0] < ranges[s.name][1]]
@@ -487,9 +613,14 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
         info["rows_committed"] = block.stop
         info["max_label"] = max(info.get("max_label", -1),
                                 int(block.arrays[f"{block.split}/labels/y"].max()))
-        group.attrs.update({ATTR: meta})
+        if num_classes is None and all(i["rows_committed"] == i["rows"]
+                                       for i in meta["splits"].values()):
+            # the last commit: num_classes first, so that a complete store always has it
+            _infer_num_classes(group, meta, splits)
+        group.attrs.update({ATTR: meta})  # atomic (a rename), and the last write of a block
 
-    writer = BlockWriter(group, on_commit or commit, lambda b: free.put(b.buffers))
+    writer = BlockWriter(group, on_commit or commit, lambda b: free.put(b.buffers),
+                         only=only, where=path)
     state: dict[str, Any] = {"bufs": None, "at": 0, "flags": [], "fired": 0}
 
     def sink(site: Site, t: torch.Tensor) -> None:
@@ -534,7 +665,15 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
                                 f"{int(y[bad])} is out of range for {num_classes} classes; "
                                 f"pass num_classes= or fix the labels")
                         state["fired"] = 0
-                        run.forward(inputs)
+                        try:
+                            run.forward(inputs)
+                        except Exception as exc:
+                            r0 = b0 + state["at"]
+                            exc.add_note(f"probe-engine: on split {split.name!r}, rows "
+                                         f"{r0}..{r0 + n - 1} of the store {path}; rows "
+                                         f"before {b0} are committed. Fix the model or data "
+                                         f"and rerun build_store with resume=True to finish.")
+                            raise
                         if state["fired"] != len(keys):
                             raise ProbeEngineError(
                                 f"split {split.name!r}, rows {b0 + state['at']}..: "
@@ -557,15 +696,16 @@ def _capture(run: _Runner, group: zarr.Group, meta: dict, splits: list[SplitSour
     finally:
         bar.close()
         writer.close()
-    if num_classes is None and not sharded:
-        _infer_num_classes(group, meta, splits)
 
 
 def _infer_num_classes(group: zarr.Group, meta: dict, splits: list[SplitSource]) -> None:
-    """num_classes not given nor known from the dataset: the largest label seen + 1."""
+    """num_classes not given nor known from the dataset: the largest label seen + 1,
+    written into each split's ``labels/y`` attributes where it is not there yet."""
     n = 1 + max(info.get("max_label", -1) for info in meta["splits"].values())
     for s in splits:
-        group[f"{s.name}/labels/y"].attrs["num_classes"] = n
+        arr = group[f"{s.name}/labels/y"]
+        if arr.attrs.get("num_classes") != n:
+            arr.attrs["num_classes"] = n
 
 
 def _take(free: queue.Queue, writer: BlockWriter) -> dict:

@@ -17,9 +17,12 @@ it, which happens after every array's chunks of that block are on disk.
 from __future__ import annotations
 
 import difflib
+import glob
 import math
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import (
     DataError,
+    InvalidArgumentError,
     LabelNotFoundError,
     LayerNotFoundError,
     SplitNotFoundError,
@@ -113,9 +117,40 @@ def _zarr_store(path: str | os.PathLike, *, read_only: bool):
                                              storage_options=options)
 
 
+#: zarr's LocalStore writes every key to ``<name>.<32 hex>.partial`` and renames it over
+#: ``<name>``; a process killed in between leaves such a file behind, never a torn key
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def partial_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files that killed writers left in the local store at ``path``."""
+    if not is_local(path) or not Path(path).is_dir():
+        return []
+    return [Path(d) / f for d, _, files in os.walk(path) for f in files if _PARTIAL.search(f)]
+
+
+def remove_partial_files(path: str | os.PathLike) -> int:
+    """Delete what :func:`partial_files` finds, and the folders a killed writer created and
+    left empty (zarr warns about them); only a writer holding the lock may. Returns the
+    number of files and folders removed."""
+    if not is_local(path) or not Path(path).is_dir():
+        return 0
+    removed = 0
+    for d, _, names in os.walk(path, topdown=False):
+        for f in names:
+            if _PARTIAL.search(f):
+                Path(d, f).unlink(missing_ok=True)
+                removed += 1
+        if os.path.normpath(d) != os.path.normpath(path) and not os.listdir(d):
+            os.rmdir(d)
+            removed += 1
+    return removed
+
+
 def describe_path(path: str | os.PathLike) -> str | None:
-    """None when ``path`` is free for a new store (absent or an empty folder), else what is
-    there ("a probe-engine store", "a file", ...)."""
+    """None when ``path`` is free for a new store (absent, an empty folder, or one holding
+    only the temporary files of a creation that was killed), else what is there
+    ("a probe-engine store", "a file", ...)."""
     if not is_local(path):
         try:
             group = zarr.open_group(_zarr_store(path, read_only=True), mode="r")
@@ -130,6 +165,9 @@ def describe_path(path: str | os.PathLike) -> str | None:
     if not any(p.iterdir()):
         return None
     meta = p / "zarr.json"
+    if not meta.exists() and all(
+            _PARTIAL.search(f.name) for f in p.rglob("*") if not f.is_dir()):
+        return None  # killed while writing its very first key
     if not meta.exists():
         return "a folder that is not a zarr store"
     try:
@@ -140,9 +178,20 @@ def describe_path(path: str | os.PathLike) -> str | None:
 
 
 def remove_store(path: str | os.PathLike) -> None:
-    """Delete a store (local folder or fsspec URL) entirely."""
+    """Delete a store (local folder or fsspec URL) entirely.
+
+    A local folder is first renamed aside (atomic), so that a process killed while deleting
+    leaves either the whole store or a free path, never a half-deleted store; what a killed
+    deletion leaves is a hidden ``.<name>.deleting-*`` folder beside it, removed by the next
+    deletion.
+    """
     if is_local(path):
-        shutil.rmtree(path)
+        p = Path(path).absolute()
+        aside = p.with_name(f".{p.name}.deleting-{uuid.uuid4().hex}")
+        os.rename(p, aside)
+        shutil.rmtree(aside)
+        for old in p.parent.glob(f".{glob.escape(p.name)}.deleting-*"):
+            shutil.rmtree(old, ignore_errors=True)  # of an earlier, killed deletion
     else:
         from zarr.core.sync import sync
 
@@ -157,6 +206,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     chunks_checked: int = 0
     arrays_checked: int = 0
+    #: (array path, row-chunk index) of every committed chunk that is missing or does not
+    #: decode: what ``build_store(..., repair=True)`` rewrites
+    bad_chunks: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -257,7 +309,7 @@ class Store:
         if name not in names:
             raise LabelNotFoundError(
                 f"label {name!r} is not in the store {self.path} (split {split!r}); "
-                f"it has {names}"
+                f"it has {names}; add one with Store.add_labels({name!r}, ...)"
             )
         stop = self.committed(split) if committed else self.rows(split)
         return self._read(self.group[f"{split}/labels/{name}"], 0, stop)
@@ -306,7 +358,13 @@ class Store:
             arr = arr.map_blocks(bf16_bits_to_float32, dtype=np.float32)
         return arr
 
-    def _read(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    def _read(self, arr: zarr.Array, start: int, stop: int, committed: int | None = None
+              ) -> np.ndarray:
+        """Rows [start, stop) of ``arr``; a chunk of the committed rows that is missing (it
+        would read as fill values) or fails to decode raises StoreCorruptedError."""
+        split = arr.path.split("/", 1)[0]
+        committed = self.committed(split) if committed is None else committed
+        self._check_present(arr, start, min(stop, committed))
         try:
             return arr[start:stop]
         except (ValueError, RuntimeError, OSError) as exc:
@@ -315,9 +373,28 @@ class Store:
                 raise
             raise StoreCorruptedError(
                 f"{self.path}: array {arr.path!r} has unreadable chunk(s) {bad} ({exc}); "
-                f"run `probe-engine verify {self.path}` to list every problem, then rebuild "
-                f"the damaged rows"
+                f"run `probe-engine verify {self.path}` to list every problem, then rewrite "
+                f"them with build_store(model, data, {self.path!r}, resume=True, repair=True)"
             ) from exc
+
+    def _check_present(self, arr: zarr.Array, start: int, stop: int) -> None:
+        from zarr.core.sync import sync
+
+        if stop <= start:
+            return
+        step = arr.chunks[0]
+        keys = [_chunk_key(arr, c) for c in range(start // step, math.ceil(stop / step))]
+
+        async def absent() -> list[str]:
+            return [k for k in keys if not await self._zstore.exists(k)]
+
+        missing = sync(absent())
+        if missing:
+            raise StoreCorruptedError(
+                f"{self.path}: array {arr.path!r} is missing chunk(s) {missing} of committed "
+                f"rows (they would read as fill values); run `probe-engine verify "
+                f"{self.path}` to list every problem, then rewrite them with "
+                f"build_store(model, data, {self.path!r}, resume=True, repair=True)")
 
     def _bad_chunks(self, arr: zarr.Array, start: int, stop: int) -> Iterator[str]:
         step = arr.chunks[0]
@@ -338,8 +415,16 @@ class Store:
             num_classes: recorded like ``y``'s (default: the largest label + 1).
             overwrite: replace an existing label array of that name (never ``y``).
         """
-        if not name or "/" in name or name.startswith(".") or name == "y":
-            raise ValueError(f"label name {name!r}: give a plain name other than 'y'")
+        from ._data import check_name
+
+        if name == "y":
+            raise InvalidArgumentError("label name 'y' is the dataset's own targets; give a "
+                                       "name other than 'y'")
+        check_name(name, "label name")
+        if is_local(self.path) and not os.access(self.path, os.W_OK):
+            raise StoreError(f"cannot add labels {name!r} to {self.path}: the store is "
+                             f"read-only (no write permission); make it writable, or add "
+                             f"them to a copy")
         if not self.complete:
             raise StoreError(f"{self.path} is not complete; finish the build (resume=True) "
                              f"before adding labels")
@@ -444,11 +529,13 @@ class Store:
             report.chunks_checked += 1
             if key not in present:
                 report.problems.append(f"{key}: chunk is missing (rows {c * step}..)")
+                report.bad_chunks.append((name, c))
                 continue
             try:
                 arr[c * step : min((c + 1) * step, rows)]
             except (ValueError, RuntimeError, OSError) as exc:
                 report.problems.append(f"{key}: chunk is corrupted ({exc})")
+                report.bad_chunks.append((name, c))
 
     # -- presentation --------------------------------------------------------------------
     def summary(self) -> str:
