@@ -60,6 +60,7 @@ def test_inception_v3_probes_1000_fixed_random_features_at_its_17_sites(tmp_path
         idx = store.reduction_indices(site)
         assert len(idx) == 1000 and (np.diff(idx) > 0).all()
     assert store.layer_info("avgpool")["reduction"] == "subsample:1000"
+    assert store.dtype == "bfloat16"  # random-init activations outgrow float16
     assert "not fair between sites" in page.read_text()
 
 
