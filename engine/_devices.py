@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InvalidArgumentError
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA when available else CPU; a device that does not exist -> error."""
@@ -12,10 +14,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+        raise InvalidArgumentError(f"device {device!r} is not a torch device: {exc}") from None
     if dev.type == "cuda" and (not torch.cuda.is_available()
                                or (dev.index or 0) >= torch.cuda.device_count()):
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise ValueError(f"device {device!r} does not exist here ({n} CUDA device(s)); "
-                         f"use device='cpu' or 'auto'")
+        raise InvalidArgumentError(f"device {device!r} does not exist here ({n} CUDA "
+                                   f"device(s)); use device='cpu' or 'auto'")
     return dev

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .capture import hooked, select_modules
 from .datasets import collate
+from .errors import InvalidArgumentError
 from .reduce import resolve_reduction
 from .solve import solve
 
@@ -46,10 +47,10 @@ class ProbeMonitor(lightning.Callback):
                  reduce: str = "auto", max_features: int = 8192, batch_size: int = 256,
                  solve_kwargs: Mapping[str, Any] | None = None, prefix: str = "probe"):
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, not {every_n_epochs}")
+            raise InvalidArgumentError(f"every_n_epochs must be >= 1, not {every_n_epochs}")
         if set(data) != {"train", "valid"}:
-            raise ValueError(f"data needs exactly a 'train' and a 'valid' dataset, got "
-                             f"{sorted(data)}")
+            raise InvalidArgumentError(f"data needs exactly a 'train' and a 'valid' dataset, got "
+                                       f"{sorted(data)}")
         self.layers, self.data, self.every_n_epochs = layers, dict(data), every_n_epochs
         self.reduce, self.max_features, self.batch_size = reduce, max_features, batch_size
         self.solve_kwargs = dict(solve_kwargs or {})

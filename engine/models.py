@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import InvalidArgumentError
+
 __all__ = ["SkipMLP", "load_model", "mnist_convnet", "train"]
 
 
@@ -73,7 +75,8 @@ class SkipMLP(nn.Module):
                  negative_slope: float = 0.01, gain: float = 1.3):
         super().__init__()
         if not 0 <= skip[0] < skip[1] < depth:
-            raise ValueError(f"skip={skip} must join two layers 0 <= from < to < depth={depth}")
+            raise InvalidArgumentError(f"skip={skip} must join two layers 0 <= from < to < "
+                                       f"depth={depth}")
         self.skip = skip
         self.layers = nn.ModuleList(
             nn.Sequential(nn.Linear(in_features if k == 0 else width, width),
@@ -111,7 +114,7 @@ def load_model(name: str, *, weights: str | None = None, num_classes: int | None
             import difflib
 
             near = difflib.get_close_matches(name, ["mnist_convnet", *known], n=5)
-            raise ValueError(f"unknown model {name!r}; closest: {near or known[:10]}")
+            raise InvalidArgumentError(f"unknown model {name!r}; closest: {near or known[:10]}")
         kwargs = {"num_classes": num_classes} if num_classes else {}
         if name == "inception_v3":
             kwargs.update(aux_logits=False, init_weights=True)
@@ -138,7 +141,7 @@ def train(model: nn.Module, dataset, *, epochs: int = 1, lr: float = 1e-3, batch
     Returns the mean training loss of each epoch.
     """
     if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer={optimizer!r}: use 'adam' or 'sgd'")
+        raise InvalidArgumentError(f"optimizer={optimizer!r}: use 'adam' or 'sgd'")
     from torch.utils.data import DataLoader
 
     from .datasets import collate

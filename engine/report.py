@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import InvalidArgumentError
 from .results import ProbeResults, _json
 
 __all__ = ["report", "monotonicity"]
@@ -36,8 +37,8 @@ def _states(results) -> dict[str, ProbeResults]:
     if isinstance(results, Mapping) and results and all(
             isinstance(r, ProbeResults) for r in results.values()):
         return {str(k): v for k, v in results.items()}
-    raise TypeError("report() takes a ProbeResults or a non-empty mapping of state name -> "
-                    "ProbeResults")
+    raise InvalidArgumentError("report() takes a ProbeResults or a non-empty mapping of state "
+                               "name -> ProbeResults")
 
 
 def _split_for(table: pd.DataFrame) -> str:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._data import check_name
 from .build import build_store
-from .errors import StoreMismatchError
+from .errors import InvalidArgumentError, StoreMismatchError
 from .results import ProbeResults
 from .solve import solve
 
@@ -25,8 +26,8 @@ def _load(model_fn: Callable[[], nn.Module], checkpoint: Any) -> nn.Module:
     if isinstance(checkpoint, (str, Path)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"a checkpoint is a module, a state_dict or a path to one, not "
-                        f"{type(checkpoint).__name__}")
+        raise InvalidArgumentError(f"a checkpoint is a module, a state_dict or a path to one, not "
+                                   f"{type(checkpoint).__name__}")
     model.load_state_dict(checkpoint)
     return model
 
@@ -55,8 +56,7 @@ def sweep(model_fn: Callable[[], nn.Module], checkpoints: Mapping[str, Any], dat
     results: dict[str, ProbeResults] = {}
     first = None
     for name, checkpoint in checkpoints.items():
-        if not name or "/" in name:
-            raise ValueError(f"checkpoint name {name!r}: give a plain name (it names a store)")
+        check_name(name, "checkpoint name")  # it names a store: out/<name>.zarr
         store = build_store(_load(model_fn, checkpoint), data, out / f"{name}.zarr",
                             progress=progress, **build_kwargs)
         if first is None:
