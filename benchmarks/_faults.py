@@ -207,12 +207,14 @@ def trace_writes(path: str | os.PathLike, trace: str | os.PathLike, **kw) -> lis
 
 
 def kill_sweep(root: str | os.PathLike, *, modes=("mid", "before", "after"), step: int = 1,
-               ) -> dict:
-    """Kill the tiny build at every ``step``-th key it writes, in each of ``modes``, resume
-    it in this process, and compare it with an uninterrupted build.
+               forwards: int = 0) -> dict:
+    """Kill the tiny build at every ``step``-th key it writes, in each of ``modes``, and at
+    each of its first ``forwards`` forward passes; resume each in this process and compare
+    it with an uninterrupted build.
 
     Returns {"tried": kills, "survived": resumed stores equal to the reference that pass
-    ``verify`` with no temporary file left, "failures": [(n, mode, key, what)]}.
+    ``verify`` with no temporary file left, "rows_lost": rows of the resumed stores that
+    differ from the reference, summed, "failures": [(kill, key, what)]}.
     """
     import shutil
 
@@ -220,26 +222,57 @@ def kill_sweep(root: str | os.PathLike, *, modes=("mid", "before", "after"), ste
     root.mkdir(parents=True, exist_ok=True)
     ref = root / "reference.zarr"
     keys = trace_writes(ref, root / "trace.txt")
-    out: dict = {"tried": 0, "survived": 0, "failures": []}
-    for n in range(1, len(keys) + 1, step):
-        for mode in modes:
-            path = root / "killed.zarr"
-            shutil.rmtree(path, ignore_errors=True)
-            out["tried"] += 1
-            code = run_child(child_build, str(path), {"at": "write", "n": n, "mode": mode})
-            try:
-                store = build(path)
-                problems = [*compare_stores(ref, path), *store.verify().problems,
-                            *map(str, partial_files(path))]
-            except Exception as exc:  # noqa: BLE001 - a failure to report, not to raise
-                problems = [f"{type(exc).__name__}: {exc}"]
-            if code != -signal.SIGKILL:
-                problems.insert(0, f"the child exited with {code}, not SIGKILL")
-            if problems:
-                out["failures"].append((n, mode, keys[n - 1], problems))
-            else:
-                out["survived"] += 1
+    kills = [{"at": "write", "n": n, "mode": mode}
+             for n in range(1, len(keys) + 1, step) for mode in modes]
+    kills += [{"at": "forward", "n": n} for n in range(1, forwards + 1)]
+    out: dict = {"tried": 0, "survived": 0, "rows_lost": 0, "failures": []}
+    for kill in kills:
+        path = root / "killed.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        out["tried"] += 1
+        code = run_child(child_build, str(path), kill)
+        try:
+            store = build(path)
+            out["rows_lost"] += rows_lost(ref, path)
+            problems = [*compare_stores(ref, path), *store.verify().problems,
+                        *map(str, partial_files(path))]
+        except Exception as exc:  # noqa: BLE001 - a failure to report, not to raise
+            problems = [f"{type(exc).__name__}: {exc}"]
+            out["rows_lost"] += rows_lost(ref, path)
+        if code != -signal.SIGKILL:
+            problems.insert(0, f"the child exited with {code}, not SIGKILL")
+        if problems:
+            key = keys[kill["n"] - 1] if kill["at"] == "write" else "forward pass"
+            out["failures"].append((kill, key, problems))
+        else:
+            out["survived"] += 1
     return out
+
+
+def rows_lost(ref: str | os.PathLike, path: str | os.PathLike) -> int:
+    """Rows of the reference store's split arrays (features, labels, index) that the store
+    at ``path`` lacks, cannot read, or holds with other values; each row counted once per
+    split."""
+    lost = 0
+    ga = zarr.open_group(str(ref), mode="r")
+    try:
+        gb = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, ValueError, OSError):
+        gb = None
+    for split in ga.attrs["probe_engine"]["splits"]:
+        rows = ga[f"{split}/index"].shape[0]
+        bad = np.zeros(rows, dtype=bool)
+        for name, node in ga[split].members(max_depth=None):
+            if not isinstance(node, zarr.Array):
+                continue
+            try:
+                other = gb[f"{split}/{name}"][...]
+                same = (node[...] == other).reshape(rows, -1).all(axis=1)
+            except Exception:  # noqa: BLE001 - absent, unreadable or reshaped: all lost
+                same = np.zeros(rows, dtype=bool)
+            bad |= ~same
+        lost += int(bad.sum())
+    return lost
 
 
 # -- damage ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 import zarr.storage._local as zlocal
 from zarr.codecs import BloscCodec
 
@@ -104,9 +105,24 @@ def test_build_killed_at_any_moment_resumes_to_the_same_store(reference, tmp_pat
 
 @pytest.mark.slow
 def test_kills_at_every_twelfth_write_all_resume(tmp_path):
-    result = F.kill_sweep(tmp_path, modes=("mid",), step=12)
-    assert result["tried"] >= 20
+    result = F.kill_sweep(tmp_path, modes=("mid",), step=12, forwards=2)
+    assert result["tried"] >= 22
     assert result["failures"] == [] and result["survived"] == result["tried"]
+    assert result["rows_lost"] == 0
+
+
+def test_rows_lost_counts_damaged_and_missing_rows(reference, tmp_path):
+    ref, _ = reference
+    path = tmp_path / "s.zarr"
+    shutil.copytree(ref, path)
+    assert F.rows_lost(ref, path) == 0
+    arr = zarr.open_array(path / "train" / "labels" / "y", mode="r+")
+    y = arr[...]
+    y[[3, 5]] = (y[[3, 5]] + 1) % 5
+    arr[...] = y
+    assert F.rows_lost(ref, path) == 2
+    shutil.rmtree(path / "test")  # every test row
+    assert F.rows_lost(ref, path) == 2 + engine.open_store(ref).rows("test")
 
 
 def test_commits_count_exactly_the_written_blocks(reference, tmp_path):
