@@ -48,11 +48,17 @@ def build_kills(root: Path, step: int, forwards: int) -> dict:
     return out
 
 
-def solve_kills(root: Path) -> dict:
+def _reference(root: Path) -> Path:
+    """The tiny store, built uninterrupted into ``root/reference.zarr``."""
     root.mkdir(parents=True, exist_ok=True)
     ref = root / "reference.zarr"
     if not ref.exists():
         F.build(ref)
+    return ref
+
+
+def solve_kills(root: Path) -> dict:
+    ref = _reference(root)
     full_path = root / "solved.zarr"
     shutil.rmtree(full_path, ignore_errors=True)
     shutil.copytree(ref, full_path)
@@ -90,10 +96,7 @@ def solve_kills(root: Path) -> dict:
 
 
 def corruptions(root: Path) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
-    ref = root / "reference.zarr"
-    if not ref.exists():
-        F.build(ref)
+    ref = _reference(root)
     store = engine.open_store(ref)
     layer = store.layers[len(store.layers) // 2]
     arrays = [f"train/features/{layer}", "valid/labels/y", "test/index"]

@@ -33,27 +33,28 @@ def test_synthetic_image_folder_layout(tmp_path):
                                                                     for c in range(5)]
 
 
-def test_resnet50_on_synthetic_images_probes_its_17_sites(tmp_path):
+def _imagenet(model: str, images: int, size: int, out) -> tuple[Path, pd.DataFrame]:
+    """Run examples/imagenet.py on synthetic images; check it probed the 17 sites in order."""
     mod = _example("imagenet")
-    sites = mod.EXPERIMENTS["resnet50"].sites
+    sites = mod.EXPERIMENTS[model].sites
     assert len(sites) == 17
-    page = mod.main(["--model", "resnet50", "--synthetic", "60", "--image-size", "64",
-                     "--out", str(tmp_path), "--device", "cpu", "--quiet"])
+    page = mod.main(["--model", model, "--synthetic", str(images), "--image-size", str(size),
+                     "--out", str(out), "--device", "cpu", "--quiet"])
     table = pd.read_csv(page.parent / "results.csv")
     assert list(table.layer.drop_duplicates()) == sites
+    return page, table
+
+
+def test_resnet50_on_synthetic_images_probes_its_17_sites(tmp_path):
+    _, table = _imagenet("resnet50", 60, 64, tmp_path)
     assert set(table.split) == {"train", "valid"}
     dims = table.drop_duplicates("layer").dim.tolist()
     assert dims == [64] + [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # pooled channels
 
 
 def test_inception_v3_probes_1000_fixed_random_features_at_its_17_sites(tmp_path):
-    mod = _example("imagenet")
-    sites = mod.EXPERIMENTS["inception_v3"].sites
-    assert len(sites) == 17
-    page = mod.main(["--model", "inception_v3", "--synthetic", "40", "--image-size", "75",
-                     "--out", str(tmp_path), "--device", "cpu", "--quiet"])
-    table = pd.read_csv(page.parent / "results.csv")
-    assert list(table.layer.drop_duplicates()) == sites
+    page, table = _imagenet("inception_v3", 40, 75, tmp_path)
+    sites = table.layer.drop_duplicates().tolist()
     assert set(table.drop_duplicates("layer").dim) == {1000}
     store = engine.open_store(tmp_path / "store.zarr")
     for site in (sites[0], sites[-1]):  # a fixed, sorted, distinct subset of each site
