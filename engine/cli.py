@@ -122,8 +122,8 @@ def _build(args) -> int:
             reduce=args.reduce, max_features=args.max_features, dtype=args.dtype,
             batch_size=args.batch_size, device=args.device, autocast=args.autocast,
             channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
-            resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet,
-            client=client,
+            resume=not args.no_resume, overwrite=args.overwrite, repair=args.repair,
+            progress=not args.quiet, client=client,
         )
     print(store.summary())
     print(f"built in {time.perf_counter() - t0:.1f} s")
@@ -229,6 +229,7 @@ EXAMPLES = {
         "probe-engine build r50.zarr --model resnet50 --weights r50.pt \\",
         "    --data imagefolder:/data/imagenet --layers 'layer*' --reduce pool",
         "probe-engine build big.zarr --workers 4             # one process per local GPU/core",
+        "probe-engine build fmnist.zarr --repair             # after 'verify' found damage",
     ],
     "solve": [
         "probe-engine solve fmnist.zarr                      # L-BFGS, lambda by validation",
@@ -293,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
     existing.add_argument("--no-resume", action="store_true", help="refuse an existing store "
                           "(default: resume it)")
+    existing.add_argument("--repair", action="store_true", help="resume, first rewriting the "
+                          "chunks 'verify' finds missing or corrupted (docs/reliability.md)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_dask(b)
     b.set_defaults(func=_build, parser=b)

@@ -470,7 +470,10 @@ class Store:
 
     # -- checks --------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
-        """Check metadata, every committed chunk's presence and checksum, and row counts."""
+        """Check metadata, every committed chunk's presence and checksum, row counts (every
+        layer and label array has its split's rows), and that each committed row is a
+        distinct dataset item: no item twice in a split, nor in two splits drawn from one
+        source (train and its carved-out valid)."""
         report = VerifyReport(self.path)
         problems = report.problems
         for key in ("format", "model", "dataset", "layers", "splits", "config"):
@@ -500,12 +503,45 @@ class Store:
             arrays += [(f"{split}/labels/{n}", None, np.dtype("int64")) for n in label_names]
             for name, dim, dtype in arrays:
                 self._verify_array(report, name, rows, committed, dim, dtype)
+        self._verify_rows(report)
         for layer in self.meta["layers"]:
             if layer["reduction"].startswith("subsample:"):
                 k = int(layer["reduction"].split(":")[1])
                 self._verify_array(report, f"reductions/{layer['name']}/indices", k, k, None,
                                    np.dtype("int64"))
         return report
+
+    def _verify_rows(self, report: VerifyReport) -> None:
+        seen: dict[str, tuple[str, np.ndarray]] = {}  # source -> (split, items so far)
+        sources = self.meta["dataset"].get("splits", {})
+        for split, info in self.meta["splits"].items():
+            name = f"{split}/index"
+            if any(a == name for a, _ in report.bad_chunks) or not (
+                    0 <= info["rows_committed"] <= info["rows"]):
+                continue  # already reported
+            try:
+                items = self.group[name][: info["rows_committed"]]
+            except (KeyError, ValueError, RuntimeError, OSError):
+                continue  # reported by _verify_array
+            if len(items) and int(items.min()) < 0:
+                report.problems.append(f"{name}: row {int(np.argmax(items < 0))} points at "
+                                       f"dataset item {int(items.min())}, which is negative")
+            values, counts = np.unique(items, return_counts=True)
+            if (counts > 1).any():
+                twice = values[counts > 1]
+                report.problems.append(f"{name}: {len(twice)} dataset item(s) stored more than "
+                                       f"once, e.g. item {int(twice[0])}")
+            source = sources.get(split, {}).get("source", split)
+            if source in seen:
+                other, before = seen[source]
+                both = np.intersect1d(before, values)
+                if len(both):
+                    report.problems.append(f"{name}: {len(both)} dataset item(s) of source "
+                                           f"{source!r} are also in split {other!r}, e.g. "
+                                           f"item {int(both[0])}")
+                seen[source] = (f"{other}, {split}", np.union1d(before, values))
+            else:
+                seen[source] = (split, values)
 
     def _verify_array(self, report: VerifyReport, name: str, rows: int, committed: int,
                       dim: int | None, dtype: np.dtype) -> None:

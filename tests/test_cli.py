@@ -36,6 +36,13 @@ def test_build_info_verify(tmp_path, capsys):
     assert cli.main(["verify", str(path)]) == 1
     assert "test/features/logits/c/0/0: chunk is corrupted" in capsys.readouterr().out
 
+    before = store.read("train", "logits")
+    assert cli.main(["build", str(path), "--model", "mnist_convnet", "--data", "fashion-mnist",
+                     "--limit", "300", "--layers", "conv2_postpool", "logits", "--quiet",
+                     "--reduce", "conv2_postpool=pool", "--dtype", "float32", "--repair"]) == 0
+    assert cli.main(["verify", str(path)]) == 0
+    np.testing.assert_array_equal(engine.open_store(path).read("train", "logits"), before)
+
 
 def test_weights_are_loaded_safely(tmp_path, capsys):
     torch.manual_seed(5)

@@ -74,6 +74,26 @@ def test_missing_metadata_is_a_verify_problem(store):
     assert not report.ok and "attrs.probe_engine.config is missing" in report.problems[0]
 
 
+def test_verify_finds_rows_stored_twice_or_in_two_splits(store):
+    assert store.verify().ok
+    index = zarr.open_array(f"{store.path}/train/index", mode="r+")
+    valid = zarr.open_array(f"{store.path}/valid/index", mode="r")[...]
+    items = index[...]
+    items[[1, 2]] = items[0]  # one dataset item three times
+    items[5] = valid[3]  # a valid row also in train (both carved from the train source)
+    index[...] = items
+    problems = engine.open_store(store.path).verify().problems
+    assert any("train/index: 1 dataset item(s) stored more than once" in p
+               and f"item {items[0]}" in p for p in problems), problems
+    assert any("valid/index: 1 dataset item(s) of source 'train' are also in split 'train'"
+               in p for p in problems), problems
+    assert not any(p.startswith("test/") for p in problems)  # another source may repeat
+    items[7] = -4
+    index[...] = items
+    assert any("dataset item -4, which is negative" in p
+               for p in engine.open_store(store.path).verify().problems)
+
+
 @pytest.mark.parametrize(("block", "row_bytes"), [(2048, 100), (2048, 20000), (768, 65536),
                                                   (7, 1 << 30)])
 def test_chunks_divide_blocks_and_stay_small(block, row_bytes):
