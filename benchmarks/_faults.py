@@ -137,12 +137,14 @@ def child_build(path: str, kill: dict | None = None, trace: str | None = None,
 
 
 def child_solve(path: str, kill_after: int, mode: str = "after", kw: dict | None = None,
-                log: str | None = None) -> None:
-    """Solve the store at ``path`` and SIGKILL after the ``kill_after``-th probe is saved
-    (``mode="mid"``: while saving it, after its W and before its completion mark); ``log``
-    gets the saved layers, one a line."""
+                log: str | None = None, threads: int = 1) -> None:
+    """Solve the store at ``path`` with ``threads`` torch threads and SIGKILL after the
+    ``kill_after``-th probe is saved (``mode="mid"``: while saving it, after its W and before
+    its completion mark); ``log`` gets the saved layers, one a line. A probe is bitwise
+    reproducible at a given thread count (not across counts: the GEMMs' reductions split
+    differently), so compare with a solve run at the same count."""
     solve_mod = importlib.import_module("engine.solve")  # the module, not the function
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     real = solve_mod.save_layer
     count = {"n": 0}
 
