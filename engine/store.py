@@ -16,6 +16,7 @@ it, which happens after every array's chunks of that block are on disk.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import glob
 import math
@@ -385,8 +386,9 @@ class Store:
         step = arr.chunks[0]
         keys = [_chunk_key(arr, c) for c in range(start // step, math.ceil(stop / step))]
 
-        async def absent() -> list[str]:
-            return [k for k in keys if not await self._zstore.exists(k)]
+        async def absent() -> list[str]:  # concurrent: one round trip on object stores
+            found = await asyncio.gather(*(self._zstore.exists(k) for k in keys))
+            return [k for k, ok in zip(keys, found, strict=True) if not ok]
 
         missing = sync(absent())
         if missing:
