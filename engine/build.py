@@ -359,13 +359,9 @@ def _resolve_device(model: nn.Module, device: str | torch.device) -> torch.devic
 
 
 def _check_writable(path: str) -> None:
-    if not _store.is_local(path):
-        return
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    if not os.access(p, os.W_OK):
-        raise StoreError(f"cannot write to {p} (read-only or no permission); choose a "
+    ok, checked = _store.writable(path)
+    if not ok:
+        raise StoreError(f"cannot write to {checked} (read-only or no permission); choose a "
                          f"writable path for the store")
 
 

@@ -4,7 +4,6 @@ store (``probes/<run>/<layer>/{W,b}``, JSON attributes, no pickles)."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +12,7 @@ import zarr
 
 from ._data import check_name
 from .errors import RunNotFoundError, StoreError, StoreMismatchError
-from .store import ATTR, Store, is_local
+from .store import ATTR, Store, writable
 
 __all__ = ["ProbeResults", "load_results"]
 
@@ -93,9 +92,7 @@ def _writable(store: Store):
 def start_run(store: Store, run: str, config: dict) -> None:
     """Create ``probes/<run>`` with ``config``, or check that an existing one matches."""
     check_name(run, "run name")
-    if is_local(store.path) and not all(
-            os.access(p, os.W_OK) for p in (store.path, f"{store.path}/probes")
-            if os.path.exists(p)):
+    if not writable(f"{store.path}/probes")[0]:  # the store itself while probes/ is absent
         raise StoreError(f"cannot write probes into {store.path}: the store is read-only (no "
                          f"write permission); make it writable, or solve a copy")
     root = _group(store)

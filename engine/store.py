@@ -108,6 +108,17 @@ def is_local(path: str | os.PathLike) -> bool:
     return "://" not in str(path)
 
 
+def writable(path: str | os.PathLike) -> tuple[bool, str]:
+    """Whether this process may write at ``path`` (a local path not there yet: its nearest
+    existing folder), and the path checked. URLs count as writable: only a write tells."""
+    if not is_local(path):
+        return True, str(path)
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return os.access(p, os.W_OK), str(p)
+
+
 def _zarr_store(path: str | os.PathLike, *, read_only: bool):
     if is_local(path):
         return zarr.storage.LocalStore(Path(path), read_only=read_only)
@@ -423,7 +434,7 @@ class Store:
             raise InvalidArgumentError("label name 'y' is the dataset's own targets; give a "
                                        "name other than 'y'")
         check_name(name, "label name")
-        if is_local(self.path) and not os.access(self.path, os.W_OK):
+        if not writable(self.path)[0]:
             raise StoreError(f"cannot add labels {name!r} to {self.path}: the store is "
                              f"read-only (no write permission); make it writable, or add "
                              f"them to a copy")
