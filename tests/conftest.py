@@ -55,3 +55,20 @@ def random_images(n: int, shape=(3, 32, 32), classes: int = 4, seed: int = 0) ->
 def convnet():
     torch.manual_seed(0)
     return engine.models.mnist_convnet()
+
+
+@pytest.fixture
+def refits(monkeypatch) -> list[list[str]]:
+    """The layers of every solver batch (``_Fitter.run``) from now on, one list per batch:
+    what a resumed solve fits again."""
+    import importlib
+
+    fitter = importlib.import_module("engine.solve")._Fitter
+    real_run, calls = fitter.run, []
+
+    def counting(self, layers, *args, **kwargs):
+        calls.append(list(layers))
+        return real_run(self, layers, *args, **kwargs)
+
+    monkeypatch.setattr(fitter, "run", counting)
+    return calls

@@ -573,7 +573,7 @@ def test_top5_is_nan_up_to_five_classes_and_survives_the_store(store):
 
 # -- 6. resume ---------------------------------------------------------------------------
 def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(store, base_store, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, refits):
     kw = dict(l2=1e-3, tol=1e-5)
     other = tmp_path / "other.zarr"
     shutil.copytree(base_store.path, other)
@@ -596,16 +596,9 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(store, base_sto
     assert len(saved) == 2
     monkeypatch.setattr(solve_mod, "save_layer", real_save)
 
-    solved: list[list[str]] = []
-    real_run = solve_mod._Fitter.run
-
-    def counting_run(self, layers, *args, **kwargs):
-        solved.append(list(layers))
-        return real_run(self, layers, *args, **kwargs)
-
-    monkeypatch.setattr(solve_mod._Fitter, "run", counting_run)
+    refits.clear()  # the batches of the resumed solve only
     again = solve(store, **kw)
-    assert solved == [[layer for layer in store.layers if layer not in saved]]
+    assert refits == [[layer for layer in store.layers if layer not in saved]]
     pd.testing.assert_frame_equal(without_seconds(again.table), without_seconds(full.table))
     for layer, (w, b) in full.weights.items():
         np.testing.assert_allclose(again.weights[layer][0], w, rtol=1e-6, atol=1e-7)
@@ -614,7 +607,7 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(store, base_sto
                                   without_seconds(full.table))
 
     solve(store, **kw)  # everything saved: nothing to solve
-    assert len(solved) == 1
+    assert len(refits) == 1
 
     before = files_outside_probes(store.path)
     with pytest.raises(engine.StoreMismatchError, match="another run="):
