@@ -850,7 +850,7 @@ CASES: list[Case] = [
          (f"{T}/report", "out="), _check_report_kept),
     Case("report: folder without permission", "api", _report_no_permission, OSError,
          (f"{T}/locked/report", "out="), None, _needs_permissions),
-    Case("report: not results", "api", _report_not_results, TypeError,
+    Case("report: not results", "api", _report_not_results, InvalidArgumentError,
          ("ProbeResults", "mapping")),
     # command line
     Case("cli: --workers with --scheduler", "cli", _cli_workers_and_scheduler, 2,

@@ -89,7 +89,7 @@ def test_one_result_and_bad_input(tmp_path):
     page = report(_results(2), tmp_path / "one")
     assert "probes" in pd.read_csv(tmp_path / "one" / "results.csv").state.unique()
     assert page.exists()
-    with pytest.raises(TypeError, match="ProbeResults"):
+    with pytest.raises(engine.InvalidArgumentError, match="ProbeResults"):
         report({}, tmp_path / "none")
     blocker = tmp_path / "file"
     blocker.write_text("")
