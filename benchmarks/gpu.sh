@@ -2,9 +2,10 @@
 # The device check, one call: install the carried wheels, run the `gpu` tests, then the GPU
 # capture, kernel and solve benchmarks. Figures and logs land in $OUT.
 #   run: bash benchmarks/gpu.sh      (carry: .whl)
-# .whl: ../shared/scripts/offline-wheels.sh scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 \
-#       threadpoolctl==3.8.0 hypothesis==6.170.17 attrs tqdm==4.70.1 fsspec==2026.9.0
-#       (the engine imports tqdm, the tests sklearn and hypothesis; about 60 MB)
+# .whl: ../shared/scripts/offline-wheels.sh   (zarr, numcodecs, dask, distributed and their
+#       dependencies, about 12 MB: what the device image lacks. Its image holds torch, CuPy,
+#       torchvision, scikit-learn, tqdm, fsspec and pandas (.library/device/KINDS.md,
+#       2026-11-17); the versions line below shows what this run found.)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -12,9 +13,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
     | tee "$OUT/gpu.txt"
-python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__)"
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import importlib
+for name in ("torch", "cupy", "torchvision", "zarr", "numcodecs", "dask", "sklearn", "tqdm",
+             "fsspec", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as e:
+        print(name, "MISSING:", e)
+PY
 # only the files that hold gpu tests, and on past a module whose imports this machine lacks
-# (torchvision, lightning): the gpu tests of the other files still run
+# (should the image lose one): the gpu tests of the other files still run
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     -W default::DeprecationWarning --continue-on-collection-errors \
     tests/test_kernels_cuda.py tests/test_solve.py tests/test_build.py 2>&1 \
