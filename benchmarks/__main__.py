@@ -1,16 +1,18 @@
 """Run every benchmark in its quick mode and print one table of ratios.
 
-    python -m benchmarks [--device cuda]     (cuda adds the kernel benchmark)
+    python -m benchmarks [--device cuda]     (cuda adds the kernel benchmark; cpu the
+                                              precision one)
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import capture, kernel, scaling, solve
+from . import capture, kernel, precision, scaling, solve
 
 BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling}
 GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
+CPU_ONLY = {"precision": precision}
 
 
 def main() -> None:
@@ -20,14 +22,14 @@ def main() -> None:
     rows = []
     runs = [(name, module, ["--quick", "--device", args.device])
             for name, module in BENCHMARKS.items()]
-    if args.device != "cpu":
-        runs += [(name, module, ["--quick"]) for name, module in GPU_ONLY.items()]
+    extra = GPU_ONLY if args.device != "cpu" else CPU_ONLY
+    runs += [(name, module, ["--quick"]) for name, module in extra.items()]
     for name, module, argv in runs:
         for r in module.main(argv):
             if "ratio" in r:
                 rows.append((name, r["case"], r["ratio"], r["target"],
                              r.get("kind") or ("speedup" if "speedup" in r else "ours/peer")))
-            else:
+            elif "slope" in r:
                 rows.append((name, r["case"], r["slope"], r["target"], "slope"))
     print(f"\n{'benchmark':<10} {'case':<45} {'figure':>14}  target")
     for name, case, value, target, kind in rows:

@@ -552,6 +552,10 @@ def _solve_bad_solver(tmp):
     _solve_mapping(solver="adam")
 
 
+def _solve_bfloat16_lbfgs(tmp):
+    _solve_mapping(dtype="bfloat16")
+
+
 def _solve_run_name_escapes(tmp):
     engine.solve(base_store(tmp), l2=1e-3, run="../elsewhere", progress=False, device="cpu")
 
@@ -818,6 +822,8 @@ CASES: list[Case] = [
          ("l2", ">= 0", "-0.001")),
     Case("solve: unknown solver", "api", _solve_bad_solver, InvalidArgumentError,
          ("'adam'", "'lbfgs' or 'sgd'")),
+    Case("solve: bfloat16 with L-BFGS", "api", _solve_bfloat16_lbfgs, InvalidArgumentError,
+         ("dtype='bfloat16' is for solver='sgd'", "dtype='tf32'")),
     Case("solve: run name escapes the store", "api", _solve_run_name_escapes,
          InvalidArgumentError, ("run name", "'../elsewhere'"), _unchanged()),
     Case("solve: labels for an unknown split", "api", _solve_unknown_split_labels,

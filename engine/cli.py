@@ -235,6 +235,7 @@ EXAMPLES = {
         "probe-engine solve fmnist.zarr                      # L-BFGS, lambda by validation",
         "probe-engine solve fmnist.zarr --solver sgd --epochs 20 --run sgd",
         "probe-engine solve r50.zarr --device cuda --dtype tf32",
+        "probe-engine solve r50.zarr --solver sgd --dtype bfloat16 --run sgd-bf16",
         "probe-engine solve fmnist.zarr --layers conv1_postact fc1_preact --l2 1e-4 1e-3",
         "probe-engine solve fmnist.zarr --label coarse       # a second label set, no recapture",
     ],
@@ -313,7 +314,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-2, help="sgd")
     s.add_argument("--no-early-stopping", action="store_true", help="sgd")
     s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="float32", choices=["float32", "tf32", "float64"])
+    s.add_argument("--dtype", default="float32",
+                   choices=["float32", "tf32", "float64", "bfloat16"],
+                   help="tf32: TF32 GEMMs on CUDA; bfloat16: bfloat16 products, sgd only")
     s.add_argument("--run", default="default", help="name under probes/ in the store")
     s.add_argument("--allow-partial", action="store_true",
                    help="solve an incomplete store on its committed rows")

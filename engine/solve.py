@@ -51,8 +51,10 @@ __all__ = ["solve", "DEFAULT_L2_GRID", "ProbeEngineWarning"]
 
 #: lambda values tried by ``l2="auto"`` (per-row loss scale: sklearn C = 1 / (lambda * N))
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-#: arithmetic; "tf32" is float32 with TF32 tensor-core GEMMs on CUDA (float32 elsewhere)
-_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float64": torch.float64}
+#: arithmetic; "tf32" is float32 with TF32 tensor-core GEMMs on CUDA (float32 elsewhere),
+#: "bfloat16" (SGD only) float32 weights with bfloat16 minibatch products
+_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.float32,
+           "float64": torch.float64}
 _BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
 
 
@@ -106,7 +108,9 @@ def solve(
             weights. L-BFGS ignores these: it solves the penalised problem exactly.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         dtype: arithmetic, ``"float32"``, ``"tf32"`` (float32 with TF32 tensor-core GEMMs
-            on CUDA, float32 elsewhere) or ``"float64"``; float16 / bfloat16 features are
+            on CUDA, float32 elsewhere), ``"float64"``, or for SGD ``"bfloat16"`` (the
+            minibatch products in bfloat16 with float32 accumulation, the weights, Adam and
+            the validation passes in float32); float16 / bfloat16 features are
             upcast block by block. On CUDA with CuPy installed, loss and gradient come from
             the fused kernel (``kernels/softmax_xent.cu``), else from its torch reference;
             ``results.backends`` says which.
@@ -128,6 +132,13 @@ def solve(
                                    f"got {epochs}, {patience}, {batch_size}, {lr}")
     if dtype not in _DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    if dtype == "bfloat16" and solver == "lbfgs":
+        # measured (docs/solve.md): bfloat16 logits hide the objective's decrease once
+        # max|grad| is near 1e-3, a quarter of the way, so the rest needs float32 passes
+        raise InvalidArgumentError(
+            "dtype='bfloat16' is for solver='sgd': L-BFGS with bfloat16 products stalls "
+            "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for fast "
+            "L-BFGS products on CUDA, or solver='sgd' with dtype='bfloat16'")
     if max_iter < 1 or not tol > 0:
         raise InvalidArgumentError(f"max_iter must be >= 1 and tol > 0, got {max_iter}, {tol}")
     check_name(run, "run name")
@@ -191,9 +202,11 @@ def solve(
 
     arith = _DTYPES[dtype]
     tf32 = dtype == "tf32" and dev.type == "cuda"
-    backend = {"device": str(dev), "kernel": "cuda" if uses_cuda_kernel(dev, arith) else "torch",
-               "matmul": "tf32" if tf32 else str(arith).removeprefix("torch.")}
-    fit = _Fitter(data, dev, arith, grid, max_iter, tol)
+    low = torch.bfloat16 if dtype == "bfloat16" else None
+    backend = {"device": str(dev),
+               "kernel": "cuda" if uses_cuda_kernel(dev, low or arith) else "torch",
+               "matmul": "tf32" if tf32 else str(low or arith).removeprefix("torch.")}
+    fit = _Fitter(data, dev, arith, grid, max_iter, tol, low=low)
     for split in data.splits:  # load and check now, not after hours of fitting
         if split != "train" or solver == "lbfgs":  # sgd streams train
             fit.load(split, todo)
@@ -407,14 +420,15 @@ class _Fitter:
 
     With ``group`` (the default on CUDA), layers of equal width keep their features in one
     (L, N, D) stack, and the probes of consecutive stacked layers are evaluated by batched
-    GEMMs: many small products become a few large ones.
+    GEMMs: many small products become a few large ones. ``low`` (bfloat16) is the dtype of
+    SGD's minibatch products; everything else runs in ``dtype``.
     """
 
     def __init__(self, data: _Data, device: torch.device, dtype: torch.dtype,
                  grid: tuple[float, ...], max_iter: int, tol: float,
                  precondition: bool = True, group: bool | None = None,
-                 kernel: str = "auto"):
-        self.data, self.device, self.dtype = data, device, dtype
+                 kernel: str = "auto", low: torch.dtype | None = None):
+        self.data, self.device, self.dtype, self.low = data, device, dtype, low
         self.precondition = precondition
         # "auto": the fused CUDA kernel where it runs; "torch": always the reference
         self._xent = softmax_xent if kernel == "auto" else reference_softmax_xent
@@ -649,6 +663,7 @@ class _Fitter:
         whether its weights are the best so far, and ``patience`` epochs without a better
         one stop it (the paper's protocol). The best weights are kept."""
         c, dt, dev = self.C, self.dtype, self.device
+        gemm = self.low or dt  # the minibatch products' dtype; weights and Adam stay in dt
         g_count = len(self.grid)
         lam = torch.tensor(self.grid, dtype=dt, device=dev).view(1, g_count, 1)
         groups = {}
@@ -682,15 +697,15 @@ class _Fitter:
                     y_mb = yb[m0 : m0 + batch_size]
                     for layer in live:
                         grp = groups[layer]
-                        x = xs[layer][m0 : m0 + batch_size].to(dt)
+                        x = xs[layer][m0 : m0 + batch_size].to(gemm)
                         theta, d = grp["theta"], x.shape[1]
-                        wt = theta[:d].view(d, g_count * c).T.contiguous()
-                        z = torch.addmm(theta[d].view(-1), x, wt.T)
+                        wt = theta[:d].view(d, g_count * c).T.to(gemm).contiguous()
+                        z = torch.addmm(theta[d].view(-1).to(gemm), x, wt.T)
                         softmax_xent(z.view(-1, g_count, c).transpose(0, 1), y_mb,
                                      scale=1.0 / len(y_mb))
                         grad = torch.empty_like(theta)
                         grad[:d].view(d, g_count * c).copy_(torch.mm(z.T, x).T)
-                        grad[d] = z.sum(dim=0).view(g_count, c)
+                        grad[d] = z.sum(dim=0, dtype=dt).view(g_count, c)
                         grad[:d].add_(theta[:d] * lam)
                         frozen = torch.tensor(grp["stopped"], device=dev).view(1, g_count, 1)
                         grad.masked_fill_(frozen, 0.0)

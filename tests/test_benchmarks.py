@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import precision
 from benchmarks import solve as bench
 
 
@@ -15,3 +16,17 @@ def test_resnet50_shaped_pass_reports_time_against_the_gemm_floor():
     flop = 4 * 256 * 15_168 * 1000
     assert r["floor_s"] == pytest.approx(flop / (r["matmul_tflops"] * 1e12), rel=0.01)
     assert r["ratio"] == round(r["pass_s"] / r["floor_s"], 2)
+
+
+def test_precision_gradients_are_the_objectives_and_bfloat16_ones_are_near():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 7, generator=gen), torch.arange(200) % 3
+    w, b = torch.randn(7, 3, generator=gen), torch.randn(3, generator=gen)
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x.double() @ wd + bd, y)
+    (loss + 0.5 * precision.L2 * (wd**2).sum()).backward()
+    exact = precision.gradient(w, b, x, y, "float64")
+    torch.testing.assert_close(exact, torch.cat([wd.grad, bd.grad[None]]))
+    for mode in ("bf16", "bf16-f32-logits"):
+        err = (precision.gradient(w, b, x, y, mode) - exact).abs().max()
+        assert 0 < err < 0.02 * exact.abs().max()

@@ -340,6 +340,10 @@ def test_gpu_solve_matches_the_cpu_solve(dtype, rel):
     sgd_gpu = solve({"train": xs, "valid": xs}, labels={"train": y, "valid": y}, l2=1e-3,
                     solver="sgd", epochs=3, device="cuda")
     np.testing.assert_allclose(sgd_gpu.error("valid"), sgd_cpu.error("valid"), atol=0.02)
+    sgd_bf16 = solve({"train": xs, "valid": xs}, labels={"train": y, "valid": y}, l2=1e-3,
+                     solver="sgd", epochs=3, device="cuda", dtype="bfloat16")
+    assert {b["matmul"] for b in sgd_bf16.backends.values()} == {"bfloat16"}
+    np.testing.assert_allclose(sgd_bf16.error("valid"), sgd_cpu.error("valid"), atol=0.02)
 
 
 # -- 3. the gradient ---------------------------------------------------------------------
@@ -827,3 +831,27 @@ def test_sgd_with_early_stopping_gets_close_to_lbfgs():
     free = engine.solve({"a": x}, labels=y, l2=1e-3, solver="sgd", epochs=3,
                         early_stopping=False, progress=False)
     assert free.table.iterations.iloc[0] == 3 and not free.table.converged.iloc[0]
+
+
+def test_sgd_with_bfloat16_products_matches_float32_and_says_so(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 40)).astype(np.float32)
+    y = (x @ rng.standard_normal((40, 6)) + rng.gumbel(size=(3000, 6))).argmax(1)
+    feats = {"train": {"a": x[:2400]}, "valid": {"a": x[2400:]}}
+    labels = {"train": y[:2400], "valid": y[2400:]}
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: products.append(a.dtype) or mm(a, b))
+    kw = dict(labels=labels, l2=1e-3, solver="sgd", epochs=5, progress=False)
+    full = engine.solve(feats, dtype="float32", **kw)
+    assert set(products) == {torch.float32}
+    products.clear()
+    low = engine.solve(feats, dtype="bfloat16", **kw)
+    assert set(products) == {torch.bfloat16}  # the minibatch gradients' products
+    assert low.backends["a"] == {"device": "cpu", "kernel": "torch", "matmul": "bfloat16"}
+    assert low.weights["a"][0].dtype == np.float32
+    assert not np.array_equal(low.weights["a"][0], full.weights["a"][0])
+    np.testing.assert_allclose(low.weights["a"][0], full.weights["a"][0], atol=0.05)
+    assert abs(low.error("valid").iloc[0] - full.error("valid").iloc[0]) <= 0.02
+    with pytest.raises(engine.InvalidArgumentError, match="solver='sgd'.*dtype='tf32'"):
+        engine.solve(feats, labels=labels, l2=1e-3, dtype="bfloat16", progress=False)
