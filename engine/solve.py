@@ -133,8 +133,8 @@ def solve(
     if dtype not in _DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if dtype == "bfloat16" and solver == "lbfgs":
-        # measured (docs/solve.md): bfloat16 logits hide the objective's decrease once
-        # max|grad| is near 1e-3, a quarter of the way, so the rest needs float32 passes
+        # measured (benchmarks.precision, docs/solve.md): bfloat16 passes lose the way
+        # once max|grad| nears 5e-4..1.5e-3, after 6-8% of float32's iterations
         raise InvalidArgumentError(
             "dtype='bfloat16' is for solver='sgd': L-BFGS with bfloat16 products stalls "
             "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for fast "
