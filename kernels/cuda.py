@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "softmax_xent", "SOURCE", "KERNELS"]
+__all__ = ["available", "softmax_xent", "plan", "Launch", "SOURCE", "KERNELS"]
 
 SOURCE = Path(__file__).with_name("softmax_xent.cu")
 #: kernel name per logits dtype (arithmetic is float32 for all three)
@@ -84,11 +85,66 @@ def _check_layout(views: list[torch.Tensor], what: str) -> None:
                              f"{v.stride(0)} (probe {k})")
 
 
-def _table(views: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Device array of the K base addresses, and the common row stride (elements)."""
-    ptrs = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64,
+def _table(views: list[torch.Tensor]) -> torch.Tensor:
+    """(K,) int64 array of the probes' base addresses, on their device."""
+    return torch.tensor([v.data_ptr() for v in views], dtype=torch.int64,
                         device=views[0].device)
-    return ptrs, views[0].stride(0)
+
+
+@dataclass
+class Launch:
+    """One checked launch of the kernel: what to read and write, and the grid."""
+
+    kernel: str  # the entry point, per dtype
+    logits: list[torch.Tensor]  # K (B, C) views
+    grad: list[torch.Tensor] | None  # where the gradient goes (the logits, or out=)
+    labels: torch.Tensor  # (B,) int64, contiguous
+    rows: int
+    classes: int
+    rows_per_warp: int
+    grid: tuple[int, int]  # (row blocks, K)
+
+    @property
+    def row_strides(self) -> tuple[int, int]:
+        """Elements between rows of the logits, and of the gradient (0 without one)."""
+        return self.logits[0].stride(0), self.grad[0].stride(0) if self.grad else 0
+
+
+def plan(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    grad: bool = True,
+    out: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> Launch:
+    """Check the arguments of :func:`softmax_xent` (anything but the device) and lay out
+    its launch: one warp per (probe, row), ``rows_per_warp`` rows each on large inputs."""
+    views = _as_probes(logits, "logits")
+    dtype, device = views[0].dtype, views[0].device
+    if dtype not in KERNELS:
+        raise ValueError(f"logits dtype {dtype} is not supported: use one of "
+                         f"{sorted(str(d) for d in KERNELS)}")
+    k = len(views)
+    b, c = views[0].shape
+    if k > _MAX_PROBES:
+        raise ValueError(f"{k} probes in one launch; at most {_MAX_PROBES}: split the call")
+    if labels.shape != (b,) or labels.dtype != torch.int64 or labels.device != device:
+        raise ValueError(f"labels must be ({b},) int64 on {device}, got {tuple(labels.shape)} "
+                         f"{labels.dtype} on {labels.device}")
+    _check_layout(views, "logits")
+    target = None
+    if grad:
+        target = views if out is None else _as_probes(out, "out")
+        if (len(target) != k or target[0].shape != (b, c) or target[0].dtype != dtype
+                or target[0].device != device):
+            raise ValueError(f"out must be {k} x ({b}, {c}) {dtype} on {device}, like logits")
+        _check_layout(target, "out")
+    # several rows per warp once there are enough rows to fill the card many times over:
+    # fewer blocks, each reduction and atomic covering more rows
+    rows_per_warp = 4 if b >= 4 * WARPS_PER_BLOCK * 1024 else 1
+    grid = (-(-b // (WARPS_PER_BLOCK * rows_per_warp)), k)
+    return Launch(KERNELS[dtype], views, target, labels.contiguous(), b, c, rows_per_warp,
+                  grid)
 
 
 def softmax_xent(
@@ -115,49 +171,31 @@ def softmax_xent(
         ``(gradient or None, loss_sum (K,) float64, top1_hits (K,) int64, top5_hits (K,)
         int64)``; the gradient is ``out`` (or ``logits``) itself.
     """
-    views = _as_probes(logits, "logits")
-    dtype, device = views[0].dtype, views[0].device
-    if dtype not in KERNELS:
-        raise ValueError(f"logits dtype {dtype} is not supported: use one of "
-                         f"{sorted(str(d) for d in KERNELS)}")
-    k = len(views)
-    b, c = views[0].shape
-    if k > _MAX_PROBES:
-        raise ValueError(f"{k} probes in one launch; at most {_MAX_PROBES}: split the call")
-    if labels.shape != (b,) or labels.dtype != torch.int64 or labels.device != device:
-        raise ValueError(f"labels must be ({b},) int64 on {device}, got {tuple(labels.shape)} "
-                         f"{labels.dtype} on {labels.device}")
-    _check_layout(views, "logits")
-    target = None
-    if grad:
-        target = views if out is None else _as_probes(out, "out")
-        if (len(target) != k or target[0].shape != (b, c) or target[0].dtype != dtype
-                or target[0].device != device):
-            raise ValueError(f"out must be {k} x ({b}, {c}) {dtype} on {device}, like logits")
-        _check_layout(target, "out")
+    launch = plan(logits, labels, grad=grad, out=out)
+    device = launch.labels.device
     if device.type != "cuda":
         raise ValueError(f"logits are on {device}; the CUDA kernel needs CUDA tensors (CPU "
                          f"runs use kernels.reference.softmax_xent)")
     import cupy  # only now: CPU-only installs never need it
 
-    labels = labels.contiguous()
-    src, src_row = _table(views)
-    dst, dst_row = _table(target) if grad else (None, 0)
+    k = len(launch.logits)
     loss = torch.zeros(k, dtype=torch.float64, device=device)
     top1 = torch.zeros(k, dtype=torch.int64, device=device)
     top5 = torch.zeros(k, dtype=torch.int64, device=device)
-    if b and c:
-        rows_per_warp = 4 if b >= 4 * WARPS_PER_BLOCK * 1024 else 1
-        grid = (-(-b // (WARPS_PER_BLOCK * rows_per_warp)), k)
+    if launch.rows and launch.classes:
+        src = _table(launch.logits)
+        dst = _table(launch.grad) if grad else None
+        src_row, dst_row = launch.row_strides
         stream = torch.cuda.current_stream(device)
         with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream,
                                                                       device.index):
-            fn = _function(device.index, KERNELS[dtype])
+            fn = _function(device.index, launch.kernel)
             null = cupy.uint64(0)
-            fn(grid, (32 * WARPS_PER_BLOCK,), (
+            fn(launch.grid, (32 * WARPS_PER_BLOCK,), (
                 cupy.from_dlpack(src), cupy.from_dlpack(dst) if grad else null,
-                cupy.from_dlpack(labels), cupy.int64(b), cupy.int32(c), cupy.int64(src_row),
-                cupy.int64(dst_row), cupy.int32(rows_per_warp), cupy.float32(scale),
+                cupy.from_dlpack(launch.labels), cupy.int64(launch.rows),
+                cupy.int32(launch.classes), cupy.int64(src_row), cupy.int64(dst_row),
+                cupy.int32(launch.rows_per_warp), cupy.float32(scale),
                 cupy.int64(ignore_index), cupy.from_dlpack(loss), cupy.from_dlpack(top1),
                 cupy.from_dlpack(top5)))
     result = None

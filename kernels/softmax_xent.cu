@@ -15,7 +15,8 @@
 // for the loss, so that millions of rows sum without loss of precision).
 //
 // Self-contained on purpose (no CUDA headers): it compiles with NVRTC on a machine without the
-// CUDA toolkit headers; half and bfloat16 conversions are the PTX cvt instructions.
+// CUDA toolkit headers; half and bfloat16 conversions are the PTX cvt instructions. The tests
+// also compile it for the host (tests/cuda_emulation), where those three come from C++.
 
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -26,18 +27,28 @@ struct F32 {
     static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 };
 
+#ifndef SOFTMAX_XENT_HOST_EMULATION  // the tests' host emulation brings its own conversions
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 float_to_half(float v) {  // round to nearest even
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ u16 float_to_bfloat16(float v) {  // sm_80 and later
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+#endif
+
 struct F16 {
     typedef u16 T;
-    static __device__ __forceinline__ float load(const u16* p) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-        return f;
-    }
-    static __device__ __forceinline__ void store(u16* p, float v) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        *p = h;
-    }
+    static __device__ __forceinline__ float load(const u16* p) { return half_to_float(*p); }
+    static __device__ __forceinline__ void store(u16* p, float v) { *p = float_to_half(v); }
 };
 
 struct BF16 {
@@ -45,11 +56,7 @@ struct BF16 {
     static __device__ __forceinline__ float load(const u16* p) {
         return __uint_as_float(((unsigned int)*p) << 16);
     }
-    static __device__ __forceinline__ void store(u16* p, float v) {
-        u16 h;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));  // sm_80 and later
-        *p = h;
-    }
+    static __device__ __forceinline__ void store(u16* p, float v) { *p = float_to_bfloat16(v); }
 };
 
 #define WARPS_PER_BLOCK 8

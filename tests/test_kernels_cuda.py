@@ -1,14 +1,20 @@
 """kernels/softmax_xent.cu and its CuPy loader.
 
 Everywhere (CI has no GPU): every .cu compiles with NVRTC for sm_80 and sm_90 with an empty
-log, and the loader refuses bad arguments before any launch. On a GPU (``gpu`` marker): the
-kernel against the torch reference on fresh random inputs.
+log, and the loader refuses bad arguments before any launch. The kernel against the torch
+reference on fresh random inputs: one test body, run on the kernel's source compiled for
+the host (``tests/cuda_emulation``: fibers for threads, deterministic) everywhere, and on a
+GPU (``gpu`` marker) with the real thing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,11 +117,72 @@ def test_cpu_tensors_are_sent_to_the_reference():
     torch.testing.assert_close(g[0, 0], torch.tensor([-0.75, 0.25, 0.25, 0.25]))
 
 
-# -- on a GPU -----------------------------------------------------------------------------
-def _problem(k, b, c, dtype, seed):
+# -- the kernel against its reference: emulated on the host everywhere, on a GPU too -------
+EMULATION = Path(__file__).with_name("cuda_emulation")
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    """kernels/softmax_xent.cu compiled for the host (tests/cuda_emulation), behind
+    cuda.softmax_xent's signature and argument checks (``cuda.plan``)."""
+    lib = tmp_path_factory.mktemp("emulation") / "softmax_xent_host.so"
+    build = subprocess.run(
+        ["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
+         "-Wno-unknown-pragmas", "-o", str(lib), str(EMULATION / "softmax_xent_host.cpp")],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    fn = ctypes.CDLL(str(lib)).launch_softmax_xent
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
+                   ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int, ctypes.c_float,
+                   ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+
+    def softmax_xent(logits, labels, *, scale=1.0, grad=True, ignore_index=-1, out=None,
+                     rows_per_warp=None):
+        launch = cuda.plan(logits, labels, grad=grad, out=out)
+        per_warp = rows_per_warp or launch.rows_per_warp
+        k = len(launch.logits)
+        loss = torch.zeros(k, dtype=torch.float64)
+        top1, top5 = torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.int64)
+        src = np.array([v.data_ptr() for v in launch.logits], dtype=np.int64)
+        dst = np.array([v.data_ptr() for v in launch.grad], dtype=np.int64) if grad else None
+        if launch.rows and launch.classes:
+            fn(_DTYPE_CODES[launch.logits[0].dtype],
+               -(-launch.rows // (cuda.WARPS_PER_BLOCK * per_warp)), k, src.ctypes.data,
+               None if dst is None else dst.ctypes.data, launch.labels.data_ptr(),
+               launch.rows, launch.classes, *launch.row_strides, per_warp, scale,
+               ignore_index, loss.data_ptr(), top1.data_ptr(), top5.data_ptr())
+        result = (logits if out is None else out) if grad else None
+        return result, loss, top1, top5
+
+    return softmax_xent
+
+
+@dataclass
+class Backend:
+    name: str
+    device: str
+    softmax_xent: Callable
+
+    def rows(self, gpu: int, host: int) -> int:
+        """A GPU takes full-size problems; the emulation, the same shapes with fewer rows."""
+        return gpu if self.device == "cuda" else host
+
+
+@pytest.fixture(params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel(request) -> Backend:
+    if request.param == "cuda":
+        assert cuda.available()
+        return Backend("cuda", "cuda", cuda.softmax_xent)
+    return Backend("host", "cpu", request.getfixturevalue("host_kernel"))
+
+
+def _problem(k, b, c, dtype, seed, device):
     gen = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(k, b, c, generator=gen)).to(dtype).cuda()
-    labels = torch.randint(0, c, (b,), generator=gen).cuda()
+    logits = (3 * torch.randn(k, b, c, generator=gen)).to(dtype).to(device)
+    labels = torch.randint(0, c, (b,), generator=gen).to(device)
     return logits, labels
 
 
@@ -123,20 +190,20 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("k", [1, 17])
 @pytest.mark.parametrize("c", [2, 3, 10, 1000, 21841])
-def test_kernel_matches_the_reference(dtype, k, c):
-    assert cuda.available()
-    b = 1000 + 37 if c < 21841 else 67  # not a multiple of the rows a block takes
-    logits, labels = _problem(k, b, c, dtype, seed=c + k)
+def test_kernel_matches_the_reference(kernel, dtype, k, c):
+    # not a multiple of the rows a block takes
+    b = kernel.rows(1000 + 37, 37) if c < 21841 else kernel.rows(67, 9)
+    logits, labels = _problem(k, b, c, dtype, seed=c + k, device=kernel.device)
     labels[::7] = -1  # ignored rows
     scale = 1.0 / b
     want_g, want_loss, want1, want5 = reference.softmax_xent(logits.clone(), labels,
                                                              scale=scale)
     out = _poison(torch.empty_like(logits))  # every element must be written
-    g, loss, top1, top5 = cuda.softmax_xent(logits, labels, scale=scale, out=out)
+    g, loss, top1, top5 = kernel.softmax_xent(logits, labels, scale=scale, out=out)
     assert g is out and not torch.isnan(out).any()
     rtol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(loss, want_loss.double(), rtol=rtol, atol=1e-3)
@@ -146,27 +213,69 @@ def test_kernel_matches_the_reference(dtype, k, c):
     assert torch.equal(top1, want1) and torch.equal(top5, want5)
     # in place, and without the gradient: the same sums
     before = logits.clone()
-    g2, loss2, t1, t5 = cuda.softmax_xent(logits, labels, scale=scale, grad=False)
+    g2, loss2, t1, t5 = kernel.softmax_xent(logits, labels, scale=scale, grad=False)
     assert g2 is None and torch.equal(logits, before)
     assert torch.equal(t1, top1) and torch.equal(t5, top5)
     torch.testing.assert_close(loss2, loss)
-    g3, _, _, _ = cuda.softmax_xent(logits, labels, scale=scale)
+    g3, _, _, _ = kernel.softmax_xent(logits, labels, scale=scale)
     assert g3 is logits and torch.equal(logits, out)
 
 
-@pytest.mark.gpu
-def test_strided_and_separate_buffers_match_the_reference():
-    k, b, c = 3, 777, 10
-    base, labels = _problem(1, b, k * c + 6, torch.float32, seed=1)
+def test_strided_and_separate_buffers_match_the_reference(kernel):
+    k, b, c = 3, kernel.rows(777, 77), 10
+    base, labels = _problem(1, b, k * c + 6, torch.float32, seed=1, device=kernel.device)
+    labels %= c
     z = base[0][:, : k * c]  # (B, K*C) inside a padded (B, K*C+6) buffer
     logits = z.view(b, k, c).transpose(0, 1)  # (K, B, C), probe stride C, row stride K*C+6
+    pad = base[0][:, k * c :].clone()
     want = reference.softmax_xent(logits.clone(), labels, scale=0.5)
-    got = cuda.softmax_xent(logits, labels, scale=0.5)
+    got = kernel.softmax_xent(logits, labels, scale=0.5)
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
-    separate = [torch.randn(b, c, device="cuda") for _ in range(k)]
+    assert torch.equal(base[0][:, k * c :], pad)  # the padding columns are not touched
+    separate = [torch.randn(b, c, device=kernel.device) for _ in range(k)]
     stacked = torch.stack(separate)
     want = reference.softmax_xent(stacked.clone(), labels)
-    got = cuda.softmax_xent(separate, labels)
+    got = kernel.softmax_xent(separate, labels)
     torch.testing.assert_close(torch.stack(got[0]), want[0])
     torch.testing.assert_close(got[1], want[1].double())
+
+
+def test_ties_count_as_argmax_does(kernel):
+    """Top-1: the label's class is the first maximum; top-5: fewer than five classes above."""
+    c = 12
+    logits = torch.tensor([[
+        [1.0] * c,  # all tied: only class 0 is the argmax
+        [1.0] * c,
+        [0.0, 2.0, 2.0] + [0.0] * (c - 3),  # a tie at the top between 1 and 2
+        [0.0, 2.0, 2.0] + [0.0] * (c - 3),
+        [5.0, 4.0, 3.0, 2.0, 1.0, 1.0] + [0.0] * (c - 6),  # label 5 ties with 4: 4 above
+        [5.0, 4.0, 3.0, 2.0, 1.0, 0.5] + [0.0] * (c - 6),  # label 6: 6 above
+    ]], device=kernel.device)
+    labels = torch.tensor([0, 3, 1, 2, 5, 6], device=kernel.device)
+    want = reference.softmax_xent(logits.clone(), labels, grad=False)
+    got = kernel.softmax_xent(logits, labels, grad=False)
+    assert want[2].tolist() == [2] and want[3].tolist() == [5]  # rows 0, 2; all but row 5
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+
+
+def test_extreme_logits_stay_finite(kernel):
+    logits = torch.tensor([[[1e30, -1e30, 0.0], [-1e30, -1e30, -1e30], [80.0, -80.0, 0.0]]],
+                          device=kernel.device)  # exp() of any of them overflows
+    labels = torch.tensor([1, 2, 0], device=kernel.device)
+    g, loss, _, _ = kernel.softmax_xent(logits, labels)
+    assert torch.isfinite(g).all() and torch.isfinite(loss).all()
+    torch.testing.assert_close(g[0, 1], torch.tensor([1 / 3, 1 / 3, -2 / 3],
+                                                     device=kernel.device))
+
+
+def test_several_rows_per_warp_cover_every_row(host_kernel):
+    """The layout of large launches (4 rows per warp), on a small emulated one."""
+    logits, labels = _problem(3, 37, 10, torch.float32, seed=4, device="cpu")
+    labels[::5] = -1
+    want = reference.softmax_xent(logits.clone(), labels, scale=0.1)
+    out = _poison(torch.empty_like(logits))
+    got = host_kernel(logits, labels, scale=0.1, out=out, rows_per_warp=4)
+    torch.testing.assert_close(out, want[0])
+    torch.testing.assert_close(got[1], want[1].double())
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
