@@ -56,6 +56,9 @@ DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.float32,
            "float64": torch.float64}
 _BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
+#: layers share a stack (zero-padded to its widest) when its widest is at most this many
+#: times its narrowest: at most 25% of a stacked product's work is padding
+_STACK_SLACK = 1.25
 
 
 class ProbeEngineWarning(UserWarning):
@@ -418,9 +421,10 @@ class _Probe:
 class _Fitter:
     """Evaluates many probes per pass over each layer's features, and drives L-BFGS.
 
-    With ``group`` (the default on CUDA), layers of equal width keep their features in one
-    (L, N, D) stack, and the probes of consecutive stacked layers are evaluated by batched
-    GEMMs: many small products become a few large ones. ``low`` (bfloat16) is the dtype of
+    With ``group`` (the default on CUDA), layers of similar width keep their features in one
+    (L, N, D) stack, zero-padded to the widest (:func:`_width_groups`), and the probes of
+    consecutive stacked layers are evaluated by batched GEMMs: many small products become a
+    few large ones. The padding columns meet zero weights, so the logits are exact. ``low`` (bfloat16) is the dtype of
     SGD's minibatch products; everything else runs in ``dtype``.
     """
 
@@ -446,27 +450,27 @@ class _Fitter:
 
     def load(self, split: str, layers: list[str]) -> None:
         """Read and check the features of ``layers`` onto the device (stacked by width)."""
-        by_width: dict[int, list[str]] = {}
-        for layer in layers:
-            by_width.setdefault(self.data.dims[layer], []).append(layer)
-        for width, group in by_width.items():
+        for group in _width_groups({layer: self.data.dims[layer] for layer in layers}):
             if not self.group or len(group) < 2:
                 for layer in group:
                     self.features(split, layer)
                 continue
             n = self.data.rows(split)
+            width = max(self.data.dims[layer] for layer in group)
             first = self.data.read(split, group[0])
             target = self._target_dtype(
                 len(group) * n * width * torch.finfo(self.dtype).bits // 8, first.dtype)
-            stack = torch.empty(len(group), n, width, dtype=target, device=self.device)
+            # zeros: a narrower layer's padding columns must add nothing to its logits
+            stack = torch.zeros(len(group), n, width, dtype=target, device=self.device)
             i = 0
             for layer in group:
                 src = first if layer == group[0] else self.data.read(split, layer)
                 if target != self.dtype and src.dtype != target:  # stored kept: never narrow
                     self._resident[(split, layer)] = src.to(self.device)
                     continue
-                stack[i].copy_(src)
-                self._resident[(split, layer)] = stack[i]
+                d = src.shape[1]
+                stack[i, :, :d].copy_(src)
+                self._resident[(split, layer)] = stack[i, :, :d]
                 self._stacks[(split, layer)] = (stack, i)
                 i += 1
 
@@ -522,26 +526,34 @@ class _Fitter:
             x = self.features(split, run[0]).unsqueeze(0)  # (1, N, D)
         else:
             stack, first = self._stacks[(split, run[0])]
-            x = stack[first : first + nl]  # (L, N, D), a view
+            x = stack[first : first + nl]  # (L, N, D), a view; narrower layers zero-padded
         d, k = x.shape[2], len(by_layer[run[0]])
-        theta = torch.stack([torch.stack([requests[i][1] for i in by_layer[layer]], dim=1)
-                             for layer in run])  # (L, D+1, K, C)
+        dims = [self.data.dims[layer] for layer in run]
+        thetas = [torch.stack([requests[i][1] for i in by_layer[layer]], dim=1)
+                  for layer in run]  # L x (D_j+1, K, C)
+        dtype = thetas[0].dtype
         kc = k * c
         # the K*C logit columns padded: MKL's float32 GEMMs with a thin side of 10 (or 60)
         # columns run up to 11x slower than with 16 (or 64); tensor cores want multiples of
         # 8. The padding columns have zero weights and get a zero gradient.
         pad = 16 if self.device.type == "cpu" else 8
         width = -(-kc // pad) * pad
-        wt = torch.zeros(nl, width, d, dtype=theta.dtype, device=self.device)
-        wt[:, :kc] = theta[:, :d].reshape(nl, d, kc).transpose(1, 2)
-        b = torch.zeros(nl, 1, width, dtype=theta.dtype, device=self.device)
-        b[:, 0, :kc] = theta[:, d].reshape(nl, kc)
-        gw = torch.zeros(nl, d, width, dtype=theta.dtype, device=self.device) if grad else None
-        gb = torch.zeros(nl, width, dtype=theta.dtype, device=self.device) if grad else None
+        wt = torch.zeros(nl, width, d, dtype=dtype, device=self.device)
+        b = torch.zeros(nl, 1, width, dtype=dtype, device=self.device)
+        if len(set(dims)) == 1:  # one width: one copy for all layers
+            theta = torch.stack(thetas)  # (L, D+1, K, C)
+            wt[:, :kc] = theta[:, :d].reshape(nl, d, kc).transpose(1, 2)
+            b[:, 0, :kc] = theta[:, d].reshape(nl, kc)
+        else:  # each layer's weights in its first D_j columns, zeros against the padding
+            for j, (dj, theta) in enumerate(zip(dims, thetas, strict=True)):
+                wt[j, :kc, :dj] = theta[:dj].reshape(dj, kc).T
+                b[j, 0, :kc] = theta[dj].reshape(kc)
+        gw = torch.zeros(nl, d, width, dtype=dtype, device=self.device) if grad else None
+        gb = torch.zeros(nl, width, dtype=dtype, device=self.device) if grad else None
         loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
         top1 = torch.zeros(nl, k, dtype=torch.int64, device=self.device)
         top5 = torch.zeros_like(top1)
-        rows = max(256, _BLOCK_BYTES // (nl * width * theta.element_size()))
+        rows = max(256, _BLOCK_BYTES // (nl * width * wt.element_size()))
         for r0 in range(0, n, rows):
             yb = y[r0 : r0 + rows]
             if nl == 1:
@@ -563,20 +575,19 @@ class _Fitter:
                 else:
                     gw.baddbmm_(xb.transpose(1, 2), z)
                 gb += z.sum(dim=1)
-        if grad:
-            g = torch.empty_like(theta)
-            g[:, :d].copy_(gw[:, :, :kc].view(nl, d, k, c))
-            g[:, d].copy_(gb[:, :kc].view(nl, k, c))
         loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
         for j, layer in enumerate(run):
+            dj = dims[j]
+            if grad:  # (D_j+1, K, C): the layer's own rows of X^T dZ, then the bias row
+                g = torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
             for m, i in enumerate(by_layer[layer]):
                 probe, params = requests[i]
                 f, gj = loss[j][m], None
                 if grad:
-                    wj = params[:d]
+                    wj = params[:dj]
                     f += 0.5 * probe.l2 * float((wj.double() ** 2).sum())
-                    gj = g[j, :, m].clone()
-                    gj[:d].add_(wj, alpha=probe.l2)
+                    gj = g[:, m].clone()
+                    gj[:dj].add_(wj, alpha=probe.l2)
                 out[i] = (f, gj, 1.0 - top1[j][m] / n, 1.0 - top5[j][m] / n)
 
     def run(self, layers: list[str], on_layer, *, progress: bool) -> None:
@@ -749,6 +760,18 @@ def _adam(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+
+
+def _width_groups(dims: dict[str, int], slack: float = _STACK_SLACK) -> list[list[str]]:
+    """Layers in groups of similar width, narrowest first: sorted by width, a group takes
+    the next layer while that one is at most ``slack`` times the group's narrowest."""
+    groups: list[list[str]] = []
+    for layer in sorted(dims, key=dims.__getitem__):  # stable: equal widths keep their order
+        if groups and dims[layer] <= slack * dims[groups[-1][0]]:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    return groups
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -281,6 +281,44 @@ def test_layers_of_one_width_share_a_stack_and_batched_products():
         assert (e1, t1) == (e2, t2)
 
 
+def test_layers_of_similar_width_share_a_zero_padded_stack():
+    assert solve_mod._width_groups({"a": 10, "b": 12, "c": 13, "d": 5, "e": 6, "f": 100}) == [
+        ["d", "e"], ["a", "b"], ["c"], ["f"]]
+    rng = np.random.default_rng(11)
+    y = rng.permutation(np.arange(400) % 5)
+    xs = {name: (rng.normal(size=(5, d))[y] + rng.normal(size=(400, d))).astype(np.float32)
+          for name, d in (("p", 12), ("q", 10), ("r", 5), ("s", 11), ("t", 30))}
+    fit = _fitter(xs, y, group=True, grid=(1e-3, 1e-1))
+    stack, i = fit._stacks[("train", "s")]
+    assert stack.shape == (3, 400, 12) and i == 1  # q (10), s (11), p (12)
+    assert (stack[0, :, 10:] == 0).all() and (stack[1, :, 11:] == 0).all()
+    assert ("train", "r") not in fit._stacks and ("train", "t") not in fit._stacks
+    np.testing.assert_array_equal(fit.features("train", "q").numpy(), xs["q"])
+    by_layer = {layer: [0, 1] for layer in xs}
+    assert fit._runs("train", by_layer) == [["r"], ["t"], ["q", "s", "p"]]
+    gen = torch.Generator().manual_seed(1)
+    requests = [(types.SimpleNamespace(layer=layer, l2=lam),
+                 torch.randn(xs[layer].shape[1] + 1, 5, generator=gen))
+                for layer in xs for lam in (1e-3, 1e-1)]
+    alone = _fitter(xs, y, group=False, grid=(1e-3, 1e-1))
+    got = fit.evaluate("train", requests, grad=True)
+    want = alone.evaluate("train", requests, grad=True)
+    for (request, _), (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(requests, got, want,
+                                                                 strict=True):
+        assert g1.shape == (xs[request.layer].shape[1] + 1, 5)
+        assert f1 == pytest.approx(f2, rel=1e-6)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+        assert (e1, t1) == (e2, t2)
+    records = {}
+    fit.run(list(xs), lambda layer, rec: records.update({layer: rec}), progress=False)
+    plain = {}
+    alone.run(list(xs), lambda layer, rec: plain.update({layer: rec}), progress=False)
+    for layer in xs:
+        assert records[layer]["W"].shape == (xs[layer].shape[1], 5)
+        assert records[layer]["objective"] == pytest.approx(plain[layer]["objective"],
+                                                            rel=1e-6)
+
+
 def test_a_stack_kept_as_stored_never_narrows_a_wider_layer(monkeypatch):
     monkeypatch.setattr(solve_mod, "_free_bytes", lambda device: 0)  # nothing fits upcast
     rng = np.random.default_rng(3)
