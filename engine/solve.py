@@ -424,8 +424,9 @@ class _Fitter:
     With ``group`` (the default on CUDA), layers of similar width keep their features in one
     (L, N, D) stack, zero-padded to the widest (:func:`_width_groups`), and the probes of
     consecutive stacked layers are evaluated by batched GEMMs: many small products become a
-    few large ones. The padding columns meet zero weights, so the logits are exact. ``low`` (bfloat16) is the dtype of
-    SGD's minibatch products; everything else runs in ``dtype``.
+    few large ones. The padding columns meet zero weights, so the logits are exact.
+    ``low`` (bfloat16) is the dtype of SGD's minibatch products; everything else runs in
+    ``dtype``.
     """
 
     def __init__(self, data: _Data, device: torch.device, dtype: torch.dtype,
