@@ -10,11 +10,13 @@ GPU (``gpu`` marker) with the real thing.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +24,8 @@ import torch
 
 import kernels
 from kernels import cuda, nvrtc, reference
+
+solve_mod = importlib.import_module("engine.solve")  # the module; engine.solve is the function
 
 SOURCES = nvrtc.sources()
 
@@ -279,3 +283,32 @@ def test_several_rows_per_warp_cover_every_row(host_kernel):
     torch.testing.assert_close(out, want[0])
     torch.testing.assert_close(got[1], want[1].double())
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+
+
+def test_the_solvers_own_calls_run_through_the_kernel(host_kernel):
+    """The solver's calls as they come on a GPU: logits of stacked layers in a (B, K*C)
+    buffer seen as (K, B, C), the gradient in place, scale 1/N; through the kernel's checks
+    and its code (emulated), against the reference."""
+    rng = np.random.default_rng(12)
+    y = rng.permutation(np.arange(120) % 3)
+    xs = {name: rng.normal(size=(120, d)).astype(np.float32)
+          for name, d in (("a", 6), ("b", 7), ("c", 3))}
+    data = solve_mod._from_mapping(xs, y, None)
+    fits = {}
+    for name, kernel in (("emulated", host_kernel), ("reference", "torch")):
+        fits[name] = solve_mod._Fitter(data, torch.device("cpu"), torch.float32, (1e-3, 1e-1),
+                                       10, 1e-6, group=True, kernel=kernel)
+        fits[name].load("train", data.layers)
+    assert fits["emulated"]._runs("train", {"a": [0, 1], "b": [2, 3], "c": [4, 5]}) == [
+        ["c"], ["a", "b"]]
+    gen = torch.Generator().manual_seed(2)
+    requests = [(SimpleNamespace(layer=layer, l2=lam),
+                 torch.randn(xs[layer].shape[1] + 1, 3, generator=gen))
+                for layer in xs for lam in (1e-3, 1e-1)]
+    for grad in (True, False):
+        got = fits["emulated"].evaluate("train", requests, grad=grad)
+        want = fits["reference"].evaluate("train", requests, grad=grad)
+        for (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(got, want, strict=True):
+            assert f1 == pytest.approx(f2, rel=1e-6) and (e1, t1) == (e2, t2)
+            if grad:
+                torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
