@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import nvrtc
+
 __all__ = ["available", "softmax_xent", "plan", "Launch", "SOURCE", "KERNELS"]
 
 SOURCE = Path(__file__).with_name("softmax_xent.cu")
@@ -45,7 +47,7 @@ def _module(device: int):
     import cupy
 
     with cupy.cuda.Device(device):
-        return cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+        return cupy.RawModule(code=SOURCE.read_text(), options=nvrtc.OPTIONS)  # as tested
 
 
 @functools.cache
