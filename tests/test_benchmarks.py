@@ -30,3 +30,19 @@ def test_precision_gradients_are_the_objectives_and_bfloat16_ones_are_near():
     for mode in ("bf16", "bf16-f32-logits"):
         err = (precision.gradient(w, b, x, y, mode) - exact).abs().max()
         assert 0 < err < 0.02 * exact.abs().max()
+
+
+def test_sass_loops_count_instructions_per_load():
+    from benchmarks import sass
+
+    text = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;
+        /*0110*/                   LD.E R2, desc[UR4][R4.64] ;
+        /*0120*/                   FADD R3, R2, -R5 ;
+        /*0130*/                   MUFU.EX2 R3, R3 ;
+        /*0140*/              @!P0 LD.E R6, desc[UR4][R8.64] ;
+        /*0150*/               @P1 BRA 0x110 ;
+        /*0160*/                   EXIT ;
+    """
+    assert sass.loops(text) == [{"start": "0x110", "instructions": 5, "loads": 2, "mufu": 1,
+                                 "per_load": 2.5}]

@@ -141,6 +141,12 @@ inline T atomicAdd(T* p, T v) {
 
 inline float __uint_as_float(unsigned int u) { return std::bit_cast<float>(u); }
 
+// ex2.approx.ftz: the exact 2^x here (the GPU's is within 2^-22), flushed as there
+inline float exp2_approx(float x) {
+    const float y = std::exp2(x);
+    return std::fabs(y) < 1.17549435e-38f ? 0.0f : y;
+}
+
 // IEEE conversions with round to nearest even, as PTX's cvt.rn
 inline float half_to_float(unsigned short h) {
     return static_cast<float>(std::bit_cast<_Float16>(h));
