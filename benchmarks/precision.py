@@ -147,9 +147,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(), "l2": L2, "tol": TOL,
             "results": results}, indent=2))
-    for r in results:  # for python -m benchmarks
-        if "speedup" in r:
-            r["ratio"] = r["speedup"]
     return results
 
 

@@ -297,9 +297,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "l2": L2, "tol": TOL, "results": results, "objectives": gap}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    for r in results:  # for python -m benchmarks
-        if "speedup" in r:
-            r["ratio"] = r["speedup"]
     return results
 
 
