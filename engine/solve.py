@@ -57,7 +57,7 @@ _DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.fl
            "float64": torch.float64}
 _BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
 #: layers share a stack (zero-padded to its widest) when its widest is at most this many
-#: times its narrowest: at most 25% of a stacked product's work is padding
+#: times its narrowest: a narrower layer's product does at most 25% extra work on padding
 _STACK_SLACK = 1.25
 
 
