@@ -70,25 +70,24 @@ def lbfgs_floor(quick: bool) -> list[dict]:
     torch.manual_seed(0)
     layers = {"pixels": x, "relu1024": torch.relu(x @ (torch.randn(784, 1024) / 28))}
 
-    paths: dict[int, list[float]] = {}  # id(state) -> max|g| after each iteration
     finish = _lbfgs.LBFGSState.finish_iteration
-
-    def recording(self, point, tol, max_iter):
-        finish(self, point, tol, max_iter)
-        paths.setdefault(id(self), []).append(float(self.g.abs().max()))
-
-    _lbfgs.LBFGSState.finish_iteration = recording
-    try:
-        res = engine.solve({k: v.numpy() for k, v in layers.items()}, labels=y.numpy(),
-                           l2=L2, tol=TOL, max_iter=5000, device="cpu", progress=False)
-    finally:
-        _lbfgs.LBFGSState.finish_iteration = finish
-    by_length = {len(p): p for p in paths.values()}
     out = []
     for layer, feats in layers.items():
+        path: list[float] = []  # max|grad| after each iteration of the layer's one probe
+
+        def recording(self, point, tol, max_iter, path=path):
+            finish(self, point, tol, max_iter)
+            path.append(float(self.g.abs().max()))
+
+        _lbfgs.LBFGSState.finish_iteration = recording
+        try:
+            res = engine.solve({layer: feats.numpy()}, labels=y.numpy(), l2=L2, tol=TOL,
+                               max_iter=5000, device="cpu", progress=False)
+        finally:
+            _lbfgs.LBFGSState.finish_iteration = finish
         w, b = (torch.from_numpy(a) for a in res.weights[layer])
-        iters = int(res.table.query("layer == @layer")["iterations"].iloc[0])
-        path = by_length[iters]
+        iters = int(res.table["iterations"].iloc[0])
+        assert len(path) == iters, (len(path), iters)
         exact = gradient(w, b, feats, y, "float64")
         row = {"case": f"L-BFGS floor, {layer}", "rows": rows, "dim": feats.shape[1],
                "float32_iterations": iters, "max_grad_at_optimum": float(exact.abs().max())}
