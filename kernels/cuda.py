@@ -104,7 +104,11 @@ class Launch:
     rows: int
     classes: int
     rows_per_warp: int
-    grid: tuple[int, int]  # (row blocks, K)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(row blocks, K): a block takes WARPS_PER_BLOCK * rows_per_warp rows."""
+        return -(-self.rows // (WARPS_PER_BLOCK * self.rows_per_warp)), len(self.logits)
 
     @property
     def row_strides(self) -> tuple[int, int]:
@@ -144,9 +148,7 @@ def plan(
     # several rows per warp once there are enough rows to fill the card many times over:
     # fewer blocks, each reduction and atomic covering more rows
     rows_per_warp = 4 if b >= 4 * WARPS_PER_BLOCK * 1024 else 1
-    grid = (-(-b // (WARPS_PER_BLOCK * rows_per_warp)), k)
-    return Launch(KERNELS[dtype], views, target, labels.contiguous(), b, c, rows_per_warp,
-                  grid)
+    return Launch(KERNELS[dtype], views, target, labels.contiguous(), b, c, rows_per_warp)
 
 
 def softmax_xent(

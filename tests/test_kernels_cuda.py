@@ -10,6 +10,7 @@ GPU (``gpu`` marker) with the real thing.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib
 import shutil
 import subprocess
@@ -146,17 +147,17 @@ def host_kernel(tmp_path_factory):
     def softmax_xent(logits, labels, *, scale=1.0, grad=True, ignore_index=-1, out=None,
                      rows_per_warp=None):
         launch = cuda.plan(logits, labels, grad=grad, out=out)
-        per_warp = rows_per_warp or launch.rows_per_warp
+        if rows_per_warp is not None:  # another layout than plan's, on the same arguments
+            launch = dataclasses.replace(launch, rows_per_warp=rows_per_warp)
         k = len(launch.logits)
         loss = torch.zeros(k, dtype=torch.float64)
         top1, top5 = torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.int64)
         src = np.array([v.data_ptr() for v in launch.logits], dtype=np.int64)
         dst = np.array([v.data_ptr() for v in launch.grad], dtype=np.int64) if grad else None
         if launch.rows and launch.classes:
-            fn(_DTYPE_CODES[launch.logits[0].dtype],
-               -(-launch.rows // (cuda.WARPS_PER_BLOCK * per_warp)), k, src.ctypes.data,
+            fn(_DTYPE_CODES[launch.logits[0].dtype], *launch.grid, src.ctypes.data,
                None if dst is None else dst.ctypes.data, launch.labels.data_ptr(),
-               launch.rows, launch.classes, *launch.row_strides, per_warp, scale,
+               launch.rows, launch.classes, *launch.row_strides, launch.rows_per_warp, scale,
                ignore_index, loss.data_ptr(), top1.data_ptr(), top5.data_ptr())
         result = (logits if out is None else out) if grad else None
         return result, loss, top1, top5
