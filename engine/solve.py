@@ -543,14 +543,10 @@ class _Fitter:
         width = -(-kc // pad) * pad
         wt = torch.zeros(nl, width, d, dtype=dtype, device=self.device)
         b = torch.zeros(nl, 1, width, dtype=dtype, device=self.device)
-        if len(set(dims)) == 1:  # one width: one copy for all layers
-            theta = torch.stack(thetas)  # (L, D+1, K, C)
-            wt[:, :kc] = theta[:, :d].reshape(nl, d, kc).transpose(1, 2)
-            b[:, 0, :kc] = theta[:, d].reshape(nl, kc)
-        else:  # each layer's weights in its first D_j columns, zeros against the padding
-            for j, (dj, theta) in enumerate(zip(dims, thetas, strict=True)):
-                wt[j, :kc, :dj] = theta[:dj].reshape(dj, kc).T
-                b[j, 0, :kc] = theta[dj].reshape(kc)
+        # each layer's weights in its first D_j columns, zeros against a stack's padding
+        for j, (dj, theta) in enumerate(zip(dims, thetas, strict=True)):
+            wt[j, :kc, :dj] = theta[:dj].reshape(dj, kc).T
+            b[j, 0, :kc] = theta[dj].reshape(kc)
         gw = torch.zeros(nl, d, width, dtype=dtype, device=self.device) if grad else None
         gb = torch.zeros(nl, width, dtype=dtype, device=self.device) if grad else None
         loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
