@@ -10,6 +10,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# engine.kernels is the top-level kernels/ folder (pyproject's package-dir); this tree is not
+# installed, so a link stands in for the mapping
+[ -e engine/kernels ] || ln -s ../kernels engine/kernels
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
     | tee "$OUT/gpu.txt"

@@ -45,7 +45,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def bench(k: int, b: int, c: int, dtype: torch.dtype, repeats: int) -> dict:
-    from kernels import cuda, reference
+    from engine.kernels import cuda, reference
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = [(3 * torch.randn(k, b, c, device="cuda", generator=gen)).to(dtype)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from kernels import cuda
+    from engine.kernels import cuda
 
     if not cuda.available():
         sys.exit("benchmarks.kernel needs a CUDA GPU and CuPy")

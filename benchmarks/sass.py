@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kernels import cuda, nvrtc
+from engine.kernels import cuda, nvrtc
 
 _INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BACK_BRANCH = re.compile(r"BRA (?:!?U?P\d, )?0x([0-9a-f]+)")

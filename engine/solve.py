@@ -28,9 +28,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kernels import softmax_xent, uses_cuda_kernel
-from kernels.reference import softmax_xent as reference_softmax_xent
-
 from . import schedule
 from ._data import check_name
 from ._devices import resolve_device
@@ -44,6 +41,8 @@ from .errors import (
     SplitNotFoundError,
     StoreError,
 )
+from .kernels import softmax_xent, uses_cuda_kernel
+from .kernels.reference import softmax_xent as reference_softmax_xent
 from .results import ProbeResults, save_layer, saved_layers, start_run
 from .store import Store, open_store
 

@@ -22,7 +22,7 @@ def uses_cuda_kernel(device: torch.device, dtype: torch.dtype) -> bool:
 def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1.0,
                  grad: bool = True, ignore_index: int = -1):
     """Loss sums, hit counts and (in place) gradient of K probes' (K, B, C) logits; see
-    :func:`kernels.reference.softmax_xent` for the contract."""
+    :func:`engine.kernels.reference.softmax_xent` for the contract."""
     if uses_cuda_kernel(logits.device, logits.dtype):
         return cuda.softmax_xent(logits, labels, scale=scale, grad=grad,
                                  ignore_index=ignore_index)

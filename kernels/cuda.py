@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InvalidArgumentError
 from . import nvrtc
 
 __all__ = ["available", "softmax_xent", "plan", "Launch", "SOURCE", "KERNELS"]
@@ -62,12 +63,13 @@ def _as_probes(x: torch.Tensor | Sequence[torch.Tensor], what: str) -> list[torc
     """(K, B, C) tensor, or K (B, C) tensors -> K (B, C) views."""
     if isinstance(x, torch.Tensor):
         if x.ndim != 3:
-            raise ValueError(f"{what} must be (K, B, C) or a list of (B, C), got shape "
+            raise InvalidArgumentError(f"{what} must be (K, B, C) or a list of (B, C), got shape "
                              f"{tuple(x.shape)}")
         return list(x.unbind(0))
     views = list(x)
     if not views or any(not isinstance(v, torch.Tensor) or v.ndim != 2 for v in views):
-        raise ValueError(f"{what} must be (K, B, C) or a non-empty list of (B, C) tensors")
+        raise InvalidArgumentError(f"{what} must be (K, B, C) or a non-empty list of (B, C) "
+                                   f"tensors")
     return views
 
 
@@ -77,14 +79,15 @@ def _check_layout(views: list[torch.Tensor], what: str) -> None:
     row = views[0].stride(0)
     for k, v in enumerate(views):
         if v.shape != shape or v.dtype != dtype or v.device != device:
-            raise ValueError(f"{what}[{k}] is {tuple(v.shape)} {v.dtype} on {v.device}, probe 0 "
-                             f"is {tuple(shape)} {dtype} on {device}: all must match")
+            raise InvalidArgumentError(f"{what}[{k}] is {tuple(v.shape)} {v.dtype} on "
+                                       f"{v.device}, probe 0 is {tuple(shape)} {dtype} on "
+                                       f"{device}: all must match")
         if v.shape[1] > 1 and v.stride(1) != 1:
-            raise ValueError(f"{what}[{k}]: classes must be contiguous (stride 1), got "
-                             f"strides {v.stride()}; pass .contiguous()")
+            raise InvalidArgumentError(f"{what}[{k}]: classes must be contiguous (stride 1), "
+                                       f"got strides {v.stride()}; pass .contiguous()")
         if v.shape[0] > 1 and v.stride(0) != row:
-            raise ValueError(f"{what}: every probe needs the same row stride, got {row} and "
-                             f"{v.stride(0)} (probe {k})")
+            raise InvalidArgumentError(f"{what}: every probe needs the same row stride, got "
+                                       f"{row} and {v.stride(0)} (probe {k})")
 
 
 def _table(views: list[torch.Tensor]) -> torch.Tensor:
@@ -128,22 +131,24 @@ def plan(
     views = _as_probes(logits, "logits")
     dtype, device = views[0].dtype, views[0].device
     if dtype not in KERNELS:
-        raise ValueError(f"logits dtype {dtype} is not supported: use one of "
-                         f"{sorted(str(d) for d in KERNELS)}")
+        raise InvalidArgumentError(f"logits dtype {dtype} is not supported: use one of "
+                                   f"{sorted(str(d) for d in KERNELS)}")
     k = len(views)
     b, c = views[0].shape
     if k > _MAX_PROBES:
-        raise ValueError(f"{k} probes in one launch; at most {_MAX_PROBES}: split the call")
+        raise InvalidArgumentError(f"{k} probes in one launch; at most {_MAX_PROBES}: split "
+                                   f"the call")
     if labels.shape != (b,) or labels.dtype != torch.int64 or labels.device != device:
-        raise ValueError(f"labels must be ({b},) int64 on {device}, got {tuple(labels.shape)} "
-                         f"{labels.dtype} on {labels.device}")
+        raise InvalidArgumentError(f"labels must be ({b},) int64 on {device}, got "
+                                   f"{tuple(labels.shape)} {labels.dtype} on {labels.device}")
     _check_layout(views, "logits")
     target = None
     if grad:
         target = views if out is None else _as_probes(out, "out")
         if (len(target) != k or target[0].shape != (b, c) or target[0].dtype != dtype
                 or target[0].device != device):
-            raise ValueError(f"out must be {k} x ({b}, {c}) {dtype} on {device}, like logits")
+            raise InvalidArgumentError(f"out must be {k} x ({b}, {c}) {dtype} on {device}, "
+                                       f"like logits")
         _check_layout(target, "out")
     # several rows per warp once there are enough rows to fill the card many times over:
     # fewer blocks, each reduction and atomic covering more rows
@@ -161,7 +166,7 @@ def softmax_xent(
     out: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """The fused kernel; the signature of ``kernels.reference.softmax_xent``.
+    """The fused kernel; the signature of :func:`engine.kernels.reference.softmax_xent`.
 
     Args:
         logits: (K, B, C) CUDA tensor (any probe and row strides, classes contiguous) or K
@@ -178,8 +183,8 @@ def softmax_xent(
     launch = plan(logits, labels, grad=grad, out=out)
     device = launch.labels.device
     if device.type != "cuda":
-        raise ValueError(f"logits are on {device}; the CUDA kernel needs CUDA tensors (CPU "
-                         f"runs use kernels.reference.softmax_xent)")
+        raise InvalidArgumentError(f"logits are on {device}; the CUDA kernel needs CUDA "
+                                   f"tensors (CPU runs use engine.kernels.reference)")
     import cupy  # only now: CPU-only installs never need it
 
     k = len(launch.logits)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ProbeEngineError
+
 __all__ = ["sources", "compile_cubin", "CompileError", "ARCHITECTURES"]
 
 ARCHITECTURES = ("sm_80", "sm_90")  # A100, H100 / H200
 OPTIONS = ("--std=c++17",)
 
 
-class CompileError(RuntimeError):
+class CompileError(ProbeEngineError, RuntimeError):
     """NVRTC rejected a source; the message holds its log."""
 
 

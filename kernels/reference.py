@@ -1,12 +1,14 @@
 """Torch reference of the fused softmax-cross-entropy gradient kernel.
 
-The CUDA kernel (``softmax_xent.cu``, a later issue) has this exact signature; CPU solves run
-this reference, and kernel tests compare against it.
+The CUDA kernel (``softmax_xent.cu``, loaded by :mod:`engine.kernels.cuda`) has this exact
+signature; CPU solves run this reference, and the kernel tests compare against it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import InvalidArgumentError
 
 __all__ = ["softmax_xent"]
 
@@ -36,10 +38,10 @@ def softmax_xent(
         C <= 5 every counted row is a top-5 hit.
     """
     if logits.ndim != 3:
-        raise ValueError(f"logits must be (K, B, C), got shape {tuple(logits.shape)}")
+        raise InvalidArgumentError(f"logits must be (K, B, C), got shape {tuple(logits.shape)}")
     k, b, c = logits.shape
     if labels.shape != (b,):
-        raise ValueError(f"labels must be ({b},), got {tuple(labels.shape)}")
+        raise InvalidArgumentError(f"labels must be ({b},), got {tuple(labels.shape)}")
     # float32 and float64 are kept as they are; half precisions are read in float32
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     keep = labels != ignore_index

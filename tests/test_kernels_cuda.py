@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from kernels import cuda, nvrtc, reference
+from engine import kernels
+from engine.errors import InvalidArgumentError
+from engine.kernels import cuda, nvrtc, reference
 
 solve_mod = importlib.import_module("engine.solve")  # the module; engine.solve is the function
 
@@ -100,21 +101,21 @@ def test_bad_arguments_are_refused_before_launch(bad, match):
     new_logits, new_labels = bad()
     logits = logits if new_logits is None else new_logits
     labels = labels if new_labels is None else new_labels
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidArgumentError, match=match):
         cuda.softmax_xent(logits, labels)
 
 
 def test_a_wrong_output_buffer_is_refused():
     logits, labels = _args()
-    with pytest.raises(ValueError, match="out must be 2 x"):
+    with pytest.raises(InvalidArgumentError, match="out must be 2 x"):
         cuda.softmax_xent(logits, labels, out=torch.zeros(2, 5, 3))
-    with pytest.raises(ValueError, match="out must be 2 x"):
+    with pytest.raises(InvalidArgumentError, match="out must be 2 x"):
         cuda.softmax_xent(logits, labels, out=torch.zeros(2, 5, 4, dtype=torch.bfloat16))
 
 
 def test_cpu_tensors_are_sent_to_the_reference():
     logits, labels = _args()
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(InvalidArgumentError, match="needs CUDA tensors"):
         cuda.softmax_xent(logits, labels)
     assert not kernels.uses_cuda_kernel(torch.device("cpu"), torch.float32)
     g, loss, top1, _ = kernels.softmax_xent(torch.zeros(1, 3, 4), torch.tensor([0, 1, 2]))

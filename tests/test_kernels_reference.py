@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import softmax_xent
+from engine.errors import InvalidArgumentError
+from engine.kernels.reference import softmax_xent
 
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index=-1):
@@ -172,13 +173,13 @@ def test_extreme_logits_stay_finite():
 
 
 def test_bad_shapes_are_value_errors():
-    with pytest.raises(ValueError, match=r"\(K, B, C\)"):
+    with pytest.raises(InvalidArgumentError, match=r"\(K, B, C\)"):
         softmax_xent(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"\(K, B, C\)"):
+    with pytest.raises(InvalidArgumentError, match=r"\(K, B, C\)"):
         softmax_xent(torch.randn(1, 2, 5, 3), torch.zeros(5, dtype=torch.int64))
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(InvalidArgumentError, match="labels"):
         softmax_xent(torch.randn(2, 5, 3), torch.zeros(6, dtype=torch.int64))
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(InvalidArgumentError, match="labels"):
         softmax_xent(torch.randn(2, 5, 3), torch.zeros(5, 1, dtype=torch.int64))
 
 

@@ -360,7 +360,7 @@ def test_results_say_how_each_layer_was_solved(store):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, rel", [("float32", 1e-6), ("tf32", 1e-3)])
 def test_gpu_solve_matches_the_cpu_solve(dtype, rel):
-    import kernels
+    from engine import kernels
 
     xs, y = _same_width_problem(seed=9)
     cpu = solve(xs, labels=y, l2=1e-3, tol=1e-6)
@@ -453,7 +453,7 @@ class _ProbeObjective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from kernels.reference import softmax_xent
+        from engine.kernels.reference import softmax_xent
 
         theta, x, y = ctx.saved_tensors
         d, n = x.shape[1], x.shape[0]
