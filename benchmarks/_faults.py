@@ -18,7 +18,6 @@ Used by ``tests/test_reliability.py`` (and meant for a ``python -m benchmarks.re
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import os
@@ -32,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-import zarr.storage._local as _local
 from torch import nn
 
 import engine
+from engine import _zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the fork server imports this module by name
@@ -77,8 +76,8 @@ def _die() -> None:
 
 
 def _hook_writes(root: Path, kill: dict | None, trace: str | None) -> None:
-    """Wrap zarr's LocalStore ``_put`` (every key it writes: chunks and zarr.json)."""
-    real = _local._put
+    """Wrap zarr's LocalStore key writer (every key it writes: chunks and zarr.json)."""
+    real = getattr(*_zarr.LOCAL_PUT)
     count = {"n": 0}
 
     def put(path: Path, value, exclusive: bool = False) -> int:
@@ -95,7 +94,7 @@ def _hook_writes(root: Path, kill: dict | None, trace: str | None) -> None:
                     time.sleep(1)
             if kill["mode"] == "mid":  # zarr's temporary file half-written, never renamed
                 path.parent.mkdir(parents=True, exist_ok=True)
-                data = bytes(value.as_buffer_like())
+                data = _zarr.buffer_bytes(value)
                 with open(path.with_suffix(f".{uuid.uuid4().hex}.partial"), "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()
@@ -106,7 +105,7 @@ def _hook_writes(root: Path, kill: dict | None, trace: str | None) -> None:
                 _die()  # "after": the key is complete, whatever was to follow is not
         return real(path, value, exclusive)
 
-    _local._put = put
+    setattr(*_zarr.LOCAL_PUT, put)
 
 
 def _hook_forward(model: nn.Module, n: int) -> None:
@@ -143,26 +142,25 @@ def child_solve(path: str, kill_after: int, mode: str = "after", kw: dict | None
     its completion mark); ``log`` gets the saved layers, one a line. A probe is bitwise
     reproducible at a given thread count (not across counts: the GEMMs' reductions split
     differently), so compare with a solve run at the same count."""
-    solve_mod = importlib.import_module("engine.solve")  # the module, not the function
     torch.set_num_threads(threads)
-    real = solve_mod.save_layer
+    real = engine.format.save_probe
     count = {"n": 0}
 
-    def save(store, run, layer, record):
+    def save(store_path, run, layer, record):
         count["n"] += 1
         if count["n"] == kill_after and mode == "mid":
-            g = zarr.open_group(store.path, mode="r+").require_group(f"probes/{run}/{layer}")
+            g = zarr.open_group(store_path, mode="r+").require_group(f"probes/{run}/{layer}")
             w = np.ascontiguousarray(record["W"], dtype=np.float32)
             g.create_array("W", shape=w.shape, dtype="float32", overwrite=True)[...] = w
             _die()
-        real(store, run, layer, record)
+        real(store_path, run, layer, record)
         if log:
             with open(log, "a") as f:
                 f.write(layer + "\n")
         if count["n"] == kill_after:
             _die()
 
-    solve_mod.save_layer = save
+    engine.format.save_probe = save  # the solver saves every probe through it
     engine.solve(path, progress=False, device="cpu", **(kw or {}))
 
 
@@ -303,7 +301,7 @@ def corrupt(store: str | os.PathLike, array: str, chunk: int, how: str) -> Path:
 
 def partial_files(store: str | os.PathLike) -> list[Path]:
     """zarr temporary files (``*.partial``) left in a store."""
-    return sorted(p for p in Path(store).rglob("*.partial"))
+    return sorted(_zarr.temp_files(store))
 
 
 def files(store: str | os.PathLike) -> dict[str, tuple[int, bytes]]:

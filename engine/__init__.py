@@ -14,7 +14,9 @@ from .errors import (
     LayerNotFoundError,
     NonFiniteError,
     ProbeEngineError,
+    ProbeEngineWarning,
     ReductionError,
+    ReportError,
     RunNotFoundError,
     SplitNotFoundError,
     StoreCorruptedError,
@@ -24,10 +26,10 @@ from .errors import (
     StoreMismatchError,
 )
 from .report import report
-from .results import ProbeResults, load_results
+from .results import ProbeResults
 from .schedule import cluster
-from .solve import ProbeEngineWarning, solve
-from .store import Store, VerifyReport, open_store
+from .solve import solve
+from .store import Store, VerifyReport, load_results, open_store
 from .sweep import sweep
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ __all__ = [
     "ProbeEngineWarning",
     "ProbeResults",
     "ReductionError",
+    "ReportError",
     "RunNotFoundError",
     "SplitNotFoundError",
     "Store",

@@ -20,41 +20,9 @@ from torch.utils.data.dataloader import default_collate
 
 from .datasets import Batch
 from .errors import DataError, InvalidArgumentError
+from .format import ROOT_FOLDERS, check_name
 
 DEFAULT_VALID_ROWS = 10_000
-
-#: names a store keeps for itself: zarr's metadata files, and the folder of a Dask build
-_RESERVED = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"}
-#: folders at the root of a store, so no split can have these names
-ROOT_FOLDERS = ("probes", "reductions")
-
-
-def name_problem(name: Any) -> str | None:
-    """Why ``name`` cannot name a folder inside a store (a split, layer, label or run), or
-    None when it can: a non-empty string, no path separator, no control character, not
-    ``.`` / ``..``, no leading ``__`` or ``.`` (zarr's and probe-engine's own files)."""
-    if not isinstance(name, str):
-        return f"it is a {type(name).__name__}, not a string"
-    if not name:
-        return "it is empty"
-    if "/" in name or "\\" in name:
-        return "it holds a path separator ('/' or '\\'), which would reach outside its folder"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "it holds a control character (NUL, newline, ...)"
-    if name.startswith((".", "__")):
-        return "it starts with '.' or '__', which the store keeps for its own files"
-    if name in _RESERVED:
-        return "zarr keeps that name for its own files"
-    return None
-
-
-def check_name(name: Any, what: str, error: type[Exception] = InvalidArgumentError) -> str:
-    """``name`` if it can name a folder inside a store, else ``error`` naming it and why."""
-    problem = name_problem(name)
-    if problem is not None:
-        raise error(f"{what} {name!r} cannot name a folder inside the store: {problem}; "
-                    f"choose a plain name such as 'coarse' or 'layer1'")
-    return name
 
 
 @dataclass

@@ -27,8 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
-from . import _lock
-from . import store as _store
+from . import _lock, _zarr
+from . import format as _store
 from ._data import (
     SplitSource,
     check_targets,
@@ -51,8 +51,9 @@ from .errors import (
     StoreExistsError,
     StoreMismatchError,
 )
+from .format import ATTR, DTYPES, FORMAT_VERSION
 from .reduce import Reduction, check_reduce, check_reduce_keys, resolve_reduction
-from .store import ATTR, DTYPES, FORMAT_VERSION, Store
+from .store import Store
 
 __all__ = ["build_store"]
 
@@ -197,7 +198,7 @@ def build_store(
             group = _reopen(path, meta)  # a refusal leaves the store as it is
         # temporary files and empty folders of killed writers: only a lock holder may
         # remove them
-        _store.remove_partial_files(path)
+        _zarr.remove_temp_files(path)
         if not existing:
             group = _create_root(path, meta)
         _ensure_arrays(group, meta, reductions, compressor, repair=repair)
@@ -304,7 +305,7 @@ def _capture_shard(path: str, model: nn.Module, splits: list[SplitSource], sites
                    runner: dict, split: str, start: int, stop: int) -> dict:
     """On a worker: capture rows [start, stop) (whole blocks) of ``split`` into the store
     at ``path``; each block is marked done only once its arrays are written."""
-    group = zarr.open_group(_store._zarr_store(path, read_only=False), mode="r+")
+    group = zarr.open_group(_zarr.open_zarr_store(path, read_only=False), mode="r+")
     meta = dict(group.attrs[ATTR])
     t0 = time.perf_counter()
 
@@ -421,7 +422,7 @@ def _metadata(model, splits: list[SplitSource], found, reductions: dict[str, Red
 
 
 def _reopen(path: str, meta: dict) -> zarr.Group:
-    group = zarr.open_group(_store._zarr_store(path, read_only=False), mode="r+")
+    group = zarr.open_group(_zarr.open_zarr_store(path, read_only=False), mode="r+")
     stored = dict(group.attrs[ATTR])
     if stored.get("format") != FORMAT_VERSION:
         newer = isinstance(stored.get("format"), int) and stored["format"] > FORMAT_VERSION
@@ -445,7 +446,7 @@ def _create_root(path: str, meta: dict) -> zarr.Group:
     """The root group and its metadata (rows_committed = 0), written before any array so
     that an interrupted creation is itself resumable."""
     try:
-        return zarr.open_group(_store._zarr_store(path, read_only=False), mode="w-",
+        return zarr.open_group(_zarr.open_zarr_store(path, read_only=False), mode="w-",
                                attributes={ATTR: meta})
     except OSError as exc:
         raise StoreError(f"cannot create the store at {path}: {exc}; choose a writable "

@@ -30,8 +30,8 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-from ._data import name_problem
 from .errors import InvalidArgumentError, LayerNotFoundError, ProbeEngineError
+from .format import name_problem
 
 __all__ = ["Site", "select_modules", "discover_sites", "hooked", "is_auto_type"]
 

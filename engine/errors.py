@@ -1,8 +1,9 @@
 """Error hierarchy of probe-engine.
 
-Every error derives from :class:`ProbeEngineError` *and* from the builtin a caller would
-naturally catch (``KeyError`` for a missing name, ``OSError`` for store problems, ...), so
-both ``except ProbeEngineError`` and ``except KeyError`` work.
+Every error probe-engine raises derives from :class:`ProbeEngineError` *and* from the builtin
+a caller would naturally catch (``KeyError`` for a missing name, ``OSError`` for store
+problems, ...), so both ``except ProbeEngineError`` and ``except KeyError`` work. Warnings
+derive from :class:`ProbeEngineWarning`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ __all__ = [
     "LayerNotFoundError",
     "NonFiniteError",
     "ProbeEngineError",
+    "ProbeEngineWarning",
     "ReductionError",
+    "ReportError",
     "RunNotFoundError",
     "SplitNotFoundError",
     "StoreCorruptedError",
@@ -28,6 +31,10 @@ __all__ = [
 
 class ProbeEngineError(Exception):
     """Root of every probe-engine error."""
+
+
+class ProbeEngineWarning(UserWarning):
+    """Something a user should know that does not stop the work."""
 
 
 def _plain_str(self: KeyError) -> str:
@@ -93,6 +100,10 @@ class RunNotFoundError(ProbeEngineError, KeyError):
 
 class ReductionError(ProbeEngineError, ValueError):
     """A reduction spec that is malformed or does not fit the layer's shape."""
+
+
+class ReportError(ProbeEngineError, OSError):
+    """The report folder cannot be written."""
 
 
 class InvalidArgumentError(ProbeEngineError, ValueError, TypeError):

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import InvalidArgumentError
-from .results import ProbeResults, _json
+from .errors import InvalidArgumentError, ReportError
+from .format import json_safe
+from .results import ProbeResults
 
 __all__ = ["report", "monotonicity"]
 
@@ -210,7 +211,7 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise OSError(f"cannot write the report into {out}: {exc.strerror or exc}; choose a "
+        raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}; choose a "
                       f"writable folder with out=") from exc
     title = title or "probe-engine report"
     table = _long_table(states)
@@ -224,7 +225,7 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
                                   "backends": res.backends,
                                   "table": res.table.to_dict(orient="records")}
                           for state, res in states.items()}}
-    (out / "results.json").write_text(json.dumps(_json(payload), indent=2))
+    (out / "results.json").write_text(json.dumps(json_safe(payload), indent=2))
     figures = [out / "errors.png"]
     _errors_figure(states, figures[0])
     if len(states) >= 3:

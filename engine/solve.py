@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import format as fmt
 from . import schedule
-from ._data import check_name
 from ._devices import resolve_device
 from ._lbfgs import LBFGSState
 from ._precond import RANK, LowRankPreconditioner, top_eigenpairs
@@ -38,15 +38,17 @@ from .errors import (
     InvalidArgumentError,
     LayerNotFoundError,
     NonFiniteError,
+    ProbeEngineWarning,
     SplitNotFoundError,
     StoreError,
 )
+from .format import check_name
 from .kernels import softmax_xent, uses_cuda_kernel
 from .kernels.reference import softmax_xent as reference_softmax_xent
-from .results import ProbeResults, save_layer, saved_layers, start_run
+from .results import ProbeResults
 from .store import Store, open_store
 
-__all__ = ["solve", "DEFAULT_L2_GRID", "ProbeEngineWarning"]
+__all__ = ["solve", "DEFAULT_L2_GRID"]
 
 #: lambda values tried by ``l2="auto"`` (per-row loss scale: sklearn C = 1 / (lambda * N))
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -58,10 +60,6 @@ _BLOCK_BYTES = 64 << 20  # logits of one block, all probes of a layer
 #: layers share a stack (zero-padded to its widest) when its widest is at most this many
 #: times its narrowest: a narrower layer's product does at most 25% extra work on padding
 _STACK_SLACK = 1.25
-
-
-class ProbeEngineWarning(UserWarning):
-    """Something a user should know that does not stop the solve."""
 
 
 def solve(
@@ -179,15 +177,16 @@ def solve(
                       batch_size=batch_size, seed=seed)
     done: dict[str, dict] = {}
     if store is not None:
-        start_run(store, run, config)
-        done = saved_layers(store, run)
+        fmt.start_run(store.path, store.meta, run, config)
+        done = fmt.saved_probes(fmt.open_root(store.path), run)
     todo = [layer for layer in data.layers if layer not in done]
 
     finished: dict[str, dict] = dict(done)
     if client is not None:
         if store is None:
-            raise ValueError("client= solves a store that every worker can open by its path; "
-                             "build one with engine.build_store, or pass no client")
+            raise InvalidArgumentError("client= solves a store that every worker can open by "
+                                       "its path; build one with engine.build_store, or pass "
+                                       "no client")
         if todo:
             n = data.rows("train")
             costs = {layer: float(n * data.dims[layer] * data.num_classes) for layer in todo}
@@ -196,7 +195,7 @@ def solve(
                           lr=lr, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                           run=run, allow_partial=allow_partial)
             schedule.solve_on(client, store, todo, costs, kwargs, progress=progress)
-        finished = saved_layers(store, run)
+        finished = fmt.saved_probes(fmt.open_root(store.path), run)
         missing = [layer for layer in data.layers if layer not in finished]
         if missing:  # pragma: no cover - solve_on raises first
             raise StoreError(f"layers {missing} have no saved probe after the Dask solve")
@@ -218,7 +217,7 @@ def solve(
         record["backend"] = backend
         finished[layer] = record
         if store is not None:
-            save_layer(store, run, layer, record)
+            fmt.save_probe(store.path, run, layer, record)
 
     precision = torch.get_float32_matmul_precision()
     if tf32:
@@ -310,7 +309,7 @@ def _from_store(store: Store, layers, label: str, allow_partial: bool) -> _Data:
             for layer in chosen}
     dims = {layer: info[layer]["dim"] for layer in chosen}
     return _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
-                    store.meta["config"]["block_rows"])
+                    store.block_rows)
 
 
 def _as_tensor(x: Any) -> torch.Tensor:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._data import check_name
 from .build import build_store
 from .errors import InvalidArgumentError, StoreMismatchError
+from .format import check_name
 from .results import ProbeResults
 from .solve import solve
 
@@ -33,7 +33,7 @@ def _load(model_fn: Callable[[], nn.Module], checkpoint: Any) -> nn.Module:
 
 
 def _sites(store) -> list[tuple]:
-    return [(lay["name"], lay["dim"], lay["reduction"]) for lay in store.meta["layers"]]
+    return [(layer.name, layer.dim, layer.reduction) for layer in store.meta.layers]
 
 
 def sweep(model_fn: Callable[[], nn.Module], checkpoints: Mapping[str, Any], data: Any,

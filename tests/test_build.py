@@ -59,7 +59,7 @@ def test_split_is_seeded_and_recorded(tmp_path, fashion, convnet):
     c = build(convnet, fashion["train"], tmp_path / "c.zarr", layers=["logits"], seed=4)
     np.testing.assert_array_equal(a.index("valid"), b.index("valid"))
     assert not np.array_equal(a.index("valid"), c.index("valid"))
-    assert a.meta["dataset"]["split_seed"] == 3
+    assert a.meta.dataset.split_seed == 3
 
 
 def _resnet18():
@@ -227,9 +227,9 @@ def test_resume_refuses_another_model_data_or_config(tmp_path, fashion, convnet)
         build(convnet, {"train": fashion["train"], "test": fashion["train"]}, path,
               layers=["logits"])
     assert engine.open_store(path).verify().ok  # nothing was touched
-    old = engine.open_store(path).meta["model"]["digest"]
+    old = engine.open_store(path).meta.model.digest
     rebuilt = build(other, fashion, path, layers=["logits"], overwrite=True)
-    assert rebuilt.complete and rebuilt.meta["model"]["digest"] != old
+    assert rebuilt.complete and rebuilt.meta.model.digest != old
 
 
 def test_existing_paths_are_never_clobbered(tmp_path, fashion, convnet):
@@ -404,7 +404,7 @@ def test_empty_dataset_and_bad_loaders(tmp_path, convnet, fashion):
 def test_dataloader_input_uses_its_batch_size_and_rows(tmp_path, fashion, convnet):
     loader = DataLoader(fashion["test"], batch_size=50)
     store = build(convnet, {"test": loader}, tmp_path / "s.zarr", layers=["logits"])
-    assert store.meta["config"]["batch_size"] == 50
+    assert store.meta.config.batch_size == 50
     assert store.rows("test") == 200
 
 
@@ -466,7 +466,7 @@ def test_memory_is_bounded_by_blocks(tmp_path, fashion, convnet, monkeypatch):
 
     monkeypatch.setattr(_writer.BlockWriter, "put", spy)
     store = build(convnet, fashion, tmp_path / "s.zarr", batch_size=32, block_bytes=2 << 20)
-    block_rows = store.meta["config"]["block_rows"]
+    block_rows = store.meta.config.block_rows
     row_bytes = sum(store.layer_info(k)["dim"] for k in store.layers) * 2
     assert block_rows % 32 == 0 and block_rows * row_bytes <= 2 << 20
     assert max(sizes) == block_rows and len(sizes) >= 600 // block_rows

@@ -53,7 +53,7 @@ def test_weights_are_loaded_safely(tmp_path, capsys):
     assert cli.main(["build", str(path), "--weights", str(weights), "--limit", "64",
                      "--layers", "logits", "--quiet"]) == 0
     fingerprint = engine._fingerprint.model_fingerprint(model)
-    assert engine.open_store(path).meta["model"]["digest"] == fingerprint["digest"]
+    assert engine.open_store(path).meta.model.digest == fingerprint["digest"]
 
     class Evil:
         def __reduce__(self):

@@ -19,11 +19,14 @@ BUILTIN = {
     E.ReductionError: ValueError,
     E.InvalidArgumentError: ValueError,
     E.RunNotFoundError: KeyError,
+    E.ReportError: OSError,
 }
 
 
 def test_all_lists_every_error():
-    assert set(E.__all__) == {c.__name__ for c in BUILTIN} | {"ProbeEngineError"}
+    assert set(E.__all__) == ({c.__name__ for c in BUILTIN}
+                              | {"ProbeEngineError", "ProbeEngineWarning"})
+    assert issubclass(E.ProbeEngineWarning, UserWarning)
 
 
 @pytest.mark.parametrize("cls", list(BUILTIN), ids=lambda c: c.__name__)

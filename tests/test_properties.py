@@ -111,7 +111,7 @@ def test_written_rows_read_back_as_computed(c):
 def test_resuming_from_any_block_gives_the_same_store(c, stop_draw):
     with tempfile.TemporaryDirectory() as tmp:
         whole = _build(c, Path(tmp) / "whole.zarr")
-        block = whole.meta["config"]["block_rows"]
+        block = whole.meta.config.block_rows
         blocks = sum(-(-whole.rows(s) // block) for s in whole.splits)
         stop_at = 1 + stop_draw % blocks  # interrupted as block `stop_at` is handed over
         real = _writer.BlockWriter.put

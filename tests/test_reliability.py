@@ -5,7 +5,6 @@ permission, damaged chunk files, a second writer, and reruns that must write not
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import shutil
@@ -19,14 +18,10 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-import zarr.storage._local as zlocal
-from zarr.codecs import BloscCodec
 
 import engine
 from benchmarks import _faults as F
-from engine import _lock
-
-solve_mod = importlib.import_module("engine.solve")  # the module, not the function
+from engine import _lock, _zarr
 
 KILLED = -signal.SIGKILL
 
@@ -88,7 +83,7 @@ def test_build_killed_at_any_moment_resumes_to_the_same_store(reference, tmp_pat
         == KILLED
     if how == "mid":
         assert F.partial_files(path), "the kill left zarr's temporary file"
-    if engine.store.describe_path(path) == "a probe-engine store":
+    if engine.format.describe_path(path) == "a probe-engine store":
         # what the killed build committed is intact, whatever it was doing
         killed = engine.open_store(path)
         report = killed.verify()
@@ -151,7 +146,7 @@ def test_build_killed_in_a_forward_pass_resumes(reference, tmp_path, n):
 def _failing_put(monkeypatch, *, at: int, exc: BaseException, keys: list[str] | None = None):
     """zarr's LocalStore put of the ``at``-th chunk writes part of its temporary file,
     then raises ``exc`` (as a full disk does halfway through a write)."""
-    real = zlocal._put
+    real = getattr(*_zarr.LOCAL_PUT)
     count = {"n": 0}
 
     def put(path, value, exclusive=False):
@@ -161,12 +156,12 @@ def _failing_put(monkeypatch, *, at: int, exc: BaseException, keys: list[str] | 
                 if keys is not None:
                     keys.append(str(path))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with zlocal._atomic_write(path, "wb", exclusive) as f:
-                    f.write(bytes(value.as_buffer_like())[:7])
+                with _zarr.write_aside(path, "wb", exclusive) as f:
+                    f.write(_zarr.buffer_bytes(value)[:7])
                     raise exc
         return real(path, value, exclusive)
 
-    monkeypatch.setattr(zlocal, "_put", put)
+    monkeypatch.setattr(*_zarr.LOCAL_PUT, put)
 
 
 @pytest.mark.parametrize(("exc", "words"), [
@@ -201,7 +196,7 @@ def test_an_exception_in_compression_names_the_path_and_a_rerun_completes(
         reference, tmp_path, monkeypatch):
     ref, _ = reference
     path = tmp_path / "s.zarr"
-    real = BloscCodec._encode_single
+    real = getattr(*_zarr.BLOSC_ENCODE)
     count = {"n": 0}
 
     async def encode(self, chunk, spec):
@@ -210,7 +205,7 @@ def test_an_exception_in_compression_names_the_path_and_a_rerun_completes(
             raise RuntimeError("injected compression failure")
         return await real(self, chunk, spec)
 
-    monkeypatch.setattr(BloscCodec, "_encode_single", encode)
+    monkeypatch.setattr(*_zarr.BLOSC_ENCODE, encode)
     with pytest.raises(engine.StoreError, match="injected compression failure") as info:
         F.build(path)
     assert str(path) in str(info.value) and "/c/" in str(info.value)
@@ -336,7 +331,7 @@ def test_lock_in_this_process_refuses_a_build(tmp_path):
     path = tmp_path / "s.zarr"
     with _lock.hold(path), pytest.raises(engine.StoreLockedError, match=f"pid {os.getpid()}"):
         F.build(path)
-    assert not path.exists() or engine.store.describe_path(path) is None
+    assert not path.exists() or engine.format.describe_path(path) is None
     F.build(path)
 
 
@@ -443,7 +438,7 @@ def test_a_killed_solve_reruns_only_the_missing_probes(solved, reference, tmp_pa
     saved = log.read_text().splitlines() if log.exists() else []
     assert len(saved) == (2 if how == "after" else 1)
     store = engine.open_store(path)
-    assert set(engine.results.saved_layers(store, "default")) == set(saved)
+    assert set(engine.load_results(store).weights) == set(saved)
 
     again = engine.solve(path, **SOLVE_KW, device="cpu", progress=False)
     assert refits == [[layer for layer in store.layers if layer not in saved]]

@@ -93,7 +93,7 @@ def test_one_result_and_bad_input(tmp_path):
         report({}, tmp_path / "none")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(OSError, match=f"cannot write the report into {blocker}"):
+    with pytest.raises(engine.ReportError, match=f"cannot write the report into {blocker}"):
         report(_results(2), blocker)
 
 

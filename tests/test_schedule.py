@@ -202,7 +202,7 @@ def mlp():
 def test_distributed_build_equals_the_single_process_build(fashion, mlp, client, tmp_path):
     one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
     ours = engine.build_store(mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD)
-    assert one.meta["config"]["block_rows"] == 32  # 27 blocks: many tasks on two workers
+    assert one.meta.config.block_rows == 32  # 27 blocks: many tasks on two workers
     _assert_same_store(one.path, ours.path)
     assert ours.complete and ours.verify().ok
     assert sorted(os.listdir(ours.path)) == sorted(os.listdir(one.path))  # no markers left

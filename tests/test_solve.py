@@ -621,22 +621,22 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(store, base_sto
     shutil.copytree(base_store.path, other)
     full = solve(engine.open_store(other), **kw)
 
-    real_save = solve_mod.save_layer
+    real_save = engine.format.save_probe
     saved: list[str] = []
 
-    def interrupted_save(st, run, layer, record):
+    def interrupted_save(path, run, layer, record):
         if len(saved) == 2:  # killed in the middle of the third layer's save
-            g = zarr.open_group(st.path, mode="r+").require_group(f"probes/{run}/{layer}")
+            g = zarr.open_group(path, mode="r+").require_group(f"probes/{run}/{layer}")
             g.create_array("W", shape=record["W"].shape, dtype="float32")
             raise KeyboardInterrupt
-        real_save(st, run, layer, record)
+        real_save(path, run, layer, record)
         saved.append(layer)
 
-    monkeypatch.setattr(solve_mod, "save_layer", interrupted_save)
+    monkeypatch.setattr(engine.format, "save_probe", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         solve(store, **kw)
     assert len(saved) == 2
-    monkeypatch.setattr(solve_mod, "save_layer", real_save)
+    monkeypatch.setattr(engine.format, "save_probe", real_save)
 
     refits.clear()  # the batches of the resumed solve only
     again = solve(store, **kw)

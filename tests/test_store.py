@@ -8,7 +8,7 @@ import torch
 import zarr
 
 import engine
-from engine.store import MAX_CHUNK_BYTES, bf16_bits_to_float32, chunk_rows
+from engine.format import MAX_CHUNK_BYTES, bf16_bits_to_float32, chunk_rows
 
 
 @pytest.fixture
