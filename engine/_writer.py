@@ -1,9 +1,13 @@
-"""A background thread that compresses and writes blocks while the model runs.
+"""Captured rows into a store, block by block: the store side of the capture loop.
 
-The capture loop fills a block (a set of per-array host buffers), hands it over, and takes a
-free one from a small pool: memory is bounded by ``pool`` blocks whatever the data size.
-Blocks are written and committed in order; the first failure stops the thread and is raised
-in the capture loop at its next hand-over (or at ``close``), naming the array and rows.
+:func:`write_rows` runs the model over rows of each split (:class:`engine.capture.Capture`),
+filling blocks of rows (a multiple of the batch size, a whole number of chunks of every
+array) in host buffers straight from the hooks; a background :class:`BlockWriter` compresses,
+writes and commits each block while the model runs the next. Memory is bounded by two
+blocks whatever the data size. A block is committed (``rows_committed`` advanced) only after
+all of its arrays are on disk, so an interrupted build resumes at its first uncommitted block
+and ends with the same arrays. The first failure of the writer is raised in the capture loop
+at its next hand-over (or at ``close``), naming the store, split, rows, array and chunk.
 """
 
 from __future__ import annotations
@@ -14,12 +18,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
+from tqdm.auto import tqdm
 
-from .errors import StoreError
+from . import format as fmt
+from ._data import SplitSource, compute_extra
+from .capture import Capture, Runner, Site
+from .errors import DataError, NonFiniteError, StoreError
+from .options import CaptureOptions
+from .reduce import Reduction
+
+__all__ = ["Block", "BlockWriter", "CaptureJob", "write_rows", "write_error"]
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -98,7 +114,7 @@ class BlockWriter:
             c = (start + a) // step
             if wanted is not None and c not in wanted:
                 continue
-            at[:] = [arr.path, f"{arr.path}/c/{c}" + "/0" * (arr.ndim - 1)]
+            at[:] = [arr.path, fmt.chunk_key(arr.path, c, arr.ndim)]
             arr[start + a : start + a + step] = data[a : a + step]
 
     def _run(self) -> None:
@@ -150,3 +166,174 @@ def write_error(exc: BaseException, where: str, block: Block, array: str | None,
     )
     err.__cause__ = exc
     return err
+
+
+# -- the capture loop's store side -------------------------------------------------------
+@dataclass
+class CaptureJob:
+    """Everything capturing rows into a store needs beside the model, whichever process runs
+    it (a Dask task gets one): the options, the resolved batch size, the splits, the probe
+    sites with their reductions, and the extra label sets."""
+
+    options: CaptureOptions
+    batch_size: int
+    splits: list[SplitSource]
+    sites: list[Site]
+    reductions: dict[str, Reduction]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return ["y", *sorted(self.extras)]
+
+
+def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.StoreMeta, *,
+               path: str, ranges: dict[str, tuple[int, int]] | None = None,
+               on_commit: Callable[[Block], None] | None = None,
+               only: dict[str, set[int]] | None = None, progress: bool = False) -> None:
+    """Capture rows [start, stop) of each split into the store (default: from
+    ``rows_committed`` to the end, committing each block in the root metadata ``meta``;
+    a shard task passes its own row range of whole blocks and ``on_commit``; a repair
+    passes the chunks to rewrite as ``only``)."""
+    block_rows = meta.config.block_rows
+    num_classes = meta.dataset.num_classes
+    if ranges is None:
+        ranges = {s.name: (meta.splits[s.name].rows_committed, s.rows) for s in job.splits}
+    todo = [s for s in job.splits if s.name in ranges and ranges[s.name][0] < ranges[s.name][1]]
+    if not todo:
+        return
+    opts = job.options
+    dtype = TORCH_DTYPES[opts.dtype]
+    capture = Capture(runner, job.sites, job.reductions, sides=opts.sites, dtype=dtype,
+                      finite_sums=opts.nan_policy == "raise")
+    keys, labels = capture.keys, job.label_names
+    dims = {k: job.reductions[k].dim for k in keys}
+
+    def new_buffers() -> dict[str, torch.Tensor]:
+        bufs = {k: torch.empty((block_rows, dims[k]), dtype=dtype, pin_memory=capture.cuda)
+                for k in keys}
+        bufs.update({f"label:{n}": torch.empty(block_rows, dtype=torch.int64) for n in labels})
+        bufs["index"] = torch.empty(block_rows, dtype=torch.int64)
+        return bufs
+
+    free: queue.Queue[dict] = queue.Queue()
+    for _ in range(2):
+        free.put(new_buffers())
+
+    def commit(block: Block) -> None:
+        info = meta.splits[block.split]
+        info.rows_committed = block.stop
+        top = int(block.arrays[fmt.labels_path(block.split)].max())
+        info.max_label = top if info.max_label is None else max(info.max_label, top)
+        if num_classes is None and meta.complete:
+            # the last commit: num_classes first, so that a complete store always has it
+            fmt.infer_num_classes(group, meta)
+        fmt.write_meta(group, meta)  # atomic (a rename), and the last write of a block
+
+    writer = BlockWriter(group, on_commit or commit, lambda b: free.put(b.buffers),
+                         only=only, where=path)
+    total = sum(ranges[s.name][1] - ranges[s.name][0] for s in todo)
+    bar = tqdm(total=total, unit="row", unit_scale=True, disable=not progress,
+               desc=f"build {Path(path).name}", smoothing=0.1, mininterval=0.5)
+    t0 = time.perf_counter()
+    try:
+        with capture.hooked():
+            for split in todo:
+                start, stop = ranges[split.name]
+                batches = split.batches(start, job.batch_size, pin_memory=capture.cuda)
+                for b0 in range(start, stop, block_rows):
+                    b1 = min(b0 + block_rows, stop)
+                    bufs = _take(free, writer)
+                    capture.take_sums()
+                    at = 0
+                    while at < b1 - b0:
+                        try:
+                            inputs, y = next(batches)
+                        except StopIteration:
+                            raise DataError(
+                                f"split {split.name!r} yielded fewer rows than its dataset's "
+                                f"length ({split.rows}); the dataset changed during the "
+                                f"build") from None
+                        n = len(y)
+                        _check_range(y, num_classes, split.name, b0 + at)
+                        try:
+                            capture.batch(inputs, lambda rows, a=at, b=bufs: {
+                                k: b[k][a : a + rows] for k in keys})
+                        except Exception as exc:
+                            exc.add_note(f"probe-engine: on split {split.name!r}, rows "
+                                         f"{b0 + at}..{b0 + at + n - 1} of the store {path}; "
+                                         f"rows before {b0} are committed. Fix the model or "
+                                         f"data and rerun build_store with resume=True to "
+                                         f"finish.")
+                            raise
+                        bufs["label:y"][at : at + n].copy_(y)
+                        at += n
+                        bar.update(n)
+                    if capture.cuda:
+                        torch.cuda.current_stream(runner.device).synchronize()
+                    _check_finite(capture.take_sums(), bufs, split.name, b0, b1 - b0)
+                    writer.put(_fill_block(split, bufs, b0, b1, job, keys))
+                    if writer.seconds_busy:
+                        mb = writer.bytes_written / 2**20 / (time.perf_counter() - t0)
+                        bar.set_postfix_str(f"{mb:.0f} MB/s written", refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _check_range(y: torch.Tensor, num_classes: int | None, split: str, row: int) -> None:
+    if num_classes is not None and len(y) and int(y.max()) >= num_classes:
+        bad = int((y >= num_classes).nonzero()[0])
+        raise DataError(f"split {split!r}, row {row + bad}: label {int(y[bad])} is out of "
+                        f"range for {num_classes} classes; pass num_classes= or fix the labels")
+
+
+def _take(free: queue.Queue, writer: BlockWriter) -> dict:
+    while True:
+        try:
+            return free.get(timeout=0.5)
+        except queue.Empty:
+            writer.raise_if_failed()
+
+
+def _check_finite(sums: list[tuple[str, torch.Tensor]], bufs: dict, split: str, b0: int,
+                  rows: int) -> None:
+    if not sums:
+        return
+    ok = torch.isfinite(torch.stack([f for _, f in sums]).cpu())
+    if bool(ok.all()):
+        return
+    key = sums[int((~ok).nonzero()[0])][0]
+    bad = (~torch.isfinite(bufs[key][:rows].float())).any(dim=1).nonzero()
+    if not len(bad):  # an overflowing sum, not a bad value: nothing to report
+        return
+    row = int(bad[0])
+    raise NonFiniteError(
+        f"layer {key!r}, split {split!r}, row {b0 + row}: the activation holds NaN or inf "
+        f"(after the cast to the storage dtype; float16 tops out at 65504, so large "
+        f"activations may need dtype='bfloat16' or 'float32'). Rows before {b0} are "
+        f"committed. Pass nan_policy='ignore' to store non-finite values as they are."
+    )
+
+
+def _fill_block(split: SplitSource, bufs: dict, b0: int, b1: int, job: CaptureJob,
+                keys: list[str]) -> Block:
+    n = b1 - b0
+    index = split.index[b0:b1]
+    bufs["index"][:n].copy_(torch.from_numpy(index))
+    y = bufs["label:y"][:n].numpy()
+    for name in job.label_names[1:]:
+        bufs[f"label:{name}"][:n].copy_(torch.from_numpy(
+            compute_extra(name, job.extras[name], split, y, index)))
+    block = Block(split.name, b0, b1)
+    block.buffers = bufs
+    for k in keys:
+        t = bufs[k][:n]
+        arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 \
+            else t.numpy()
+        block.arrays[fmt.features_path(split.name, k)] = arr
+        block.nbytes += arr.nbytes
+    for name in job.label_names:
+        block.arrays[fmt.labels_path(split.name, name)] = bufs[f"label:{name}"][:n].numpy()
+    block.arrays[fmt.index_path(split.name)] = bufs["index"][:n].numpy()
+    return block

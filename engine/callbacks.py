@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .capture import hooked, select_modules
+from .capture import Capture, Runner, discover_sites, select_modules
 from .datasets import collate
 from .errors import InvalidArgumentError
-from .reduce import resolve_reduction
+from .options import CaptureOptions
+from .reduce import resolve_reductions
 from .solve import solve
 
 __all__ = ["ProbeMonitor"]
@@ -36,7 +37,10 @@ class ProbeMonitor(lightning.Callback):
             out from the model's training; the probes fit on ``train`` and are judged (and
             their lambda chosen) on ``valid``.
         every_n_epochs: how often.
-        reduce, max_features: per-layer reduction, as for ``build_store`` (``"auto"``).
+        reduce, max_features, batch_size, seed: as for ``build_store``; the sites, their
+            reductions and the capture loop are ``build_store``'s own
+            (:class:`engine.capture.Capture`), so the probes see the features a store of
+            the same model would hold (in float32).
         solve_kwargs: for :func:`engine.solve` (default ``l2="auto"``, the model's device).
         prefix: logged names are ``<prefix>/<layer>/<split>_error`` (top-1).
 
@@ -44,40 +48,42 @@ class ProbeMonitor(lightning.Callback):
     """
 
     def __init__(self, layers: Any, data: Mapping[str, Any], *, every_n_epochs: int = 1,
-                 reduce: str = "auto", max_features: int = 8192, batch_size: int = 256,
+                 reduce: str | Mapping[str, str] = "auto", max_features: int = 8192,
+                 batch_size: int = 256, seed: int = 0,
                  solve_kwargs: Mapping[str, Any] | None = None, prefix: str = "probe"):
         if every_n_epochs < 1:
             raise InvalidArgumentError(f"every_n_epochs must be >= 1, not {every_n_epochs}")
         if set(data) != {"train", "valid"}:
             raise InvalidArgumentError(f"data needs exactly a 'train' and a 'valid' dataset, got "
                                        f"{sorted(data)}")
+        self.options = CaptureOptions(reduce=reduce, max_features=max_features,
+                                      batch_size=batch_size, seed=seed, dtype="float32")
         self.layers, self.data, self.every_n_epochs = layers, dict(data), every_n_epochs
-        self.reduce, self.max_features, self.batch_size = reduce, max_features, batch_size
         self.solve_kwargs = dict(solve_kwargs or {})
         self.prefix = prefix
         self.history: dict[int, pd.DataFrame] = {}
-        self._reductions: dict = {}
 
-    @torch.no_grad()
-    def _capture(self, model: torch.nn.Module, dataset) -> tuple[dict[str, np.ndarray],
-                                                                   np.ndarray]:
-        device = next(model.parameters()).device
+    def capture(self, model: torch.nn.Module, dataset) -> tuple[dict[str, np.ndarray],
+                                                                  np.ndarray]:
+        """``dataset``'s features at the monitored sites of ``model`` as it is now:
+        ``({layer: (N, D) float32}, (N,) labels)``, by ``build_store``'s capture loop. The
+        model stays on its device; its training flags are restored."""
+        opts = self.options
+        runner = Runner(model, next(model.parameters()).device)
+        loader = DataLoader(dataset, batch_size=opts.batch_size, collate_fn=collate)
         modules = select_modules(model, self.layers)
-        feats: dict[str, list[torch.Tensor]] = {}
-
-        def sink(site, t: torch.Tensor) -> None:
-            red = self._reductions.get(site.key)
-            if red is None:
-                red = self._reductions[site.key] = resolve_reduction(
-                    self.reduce, tuple(t.shape[1:]), key=site.key,
-                    max_features=self.max_features, seed=0, strict=False)
-            feats.setdefault(site.key, []).append(red(t.detach()).float().cpu())
-
+        first = collate([dataset[i] for i in range(min(2, len(dataset)))])[0]
+        found = discover_sites(model, modules, opts.sites, lambda: runner.forward(first))
+        reductions = resolve_reductions(opts.reduce, found, max_features=opts.max_features,
+                                        seed=opts.seed)
+        capture = Capture(runner, [site for site, _ in found], reductions, sides=opts.sites,
+                          dtype=torch.float32)
+        feats: dict[str, list[torch.Tensor]] = {key: [] for key in capture.keys}
         labels = []
-        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate)
-        with hooked(model, modules, ("output",), sink):  # eval mode, restored on exit
-            for x, y in loader:
-                model(x.to(device))
+        with runner:
+            for batch, y in capture(loader):
+                for key, x in batch.items():
+                    feats[key].append(x)
                 labels.append(torch.as_tensor(y))
         return ({k: torch.cat(v).numpy() for k, v in feats.items()},
                 torch.cat(labels).numpy())
@@ -89,7 +95,7 @@ class ProbeMonitor(lightning.Callback):
             return
         features, labels = {}, {}
         for split, ds in self.data.items():
-            features[split], labels[split] = self._capture(pl_module, ds)
+            features[split], labels[split] = self.capture(pl_module, ds)
         kwargs = {"l2": "auto", "device": str(pl_module.device), "progress": False,
                   **self.solve_kwargs}
         res = solve(features, labels=labels, **kwargs)
@@ -97,5 +103,3 @@ class ProbeMonitor(lightning.Callback):
         for row in res.table.itertuples():
             pl_module.log(f"{self.prefix}/{row.layer}/{row.split}_error",
                           float(row.top1_error), on_epoch=True, on_step=False)
-
-

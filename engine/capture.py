@@ -1,21 +1,23 @@
-"""Capture: choose probe sites in a model and hook them.
+"""Capture: choose probe sites in a model, hook them, and run the model.
 
 A *site* is one side ("input" or "output") of one call of one module. Its *key* names its
 arrays in the store: ``"input"`` for the model's own input, ``"<module>"`` for a module's
 output, ``"<module>:input"`` for its input, and a ``":<k>"`` suffix for the k-th extra call of
 a module that runs several times in one forward (ResNet blocks reuse one ReLU three times).
 
-Hooks reduce and copy their tensor at once, so that an in-place operation later in the
-network (``ReLU(inplace=True)``) cannot change what was captured, and they never change the
-model's outputs.
+:class:`Capture` is the one capture loop (hooks -> reduce -> a batch of site tensors), used
+by ``build_store`` (which copies straight into its store blocks), by the shard tasks of a
+Dask build, and by :class:`engine.callbacks.ProbeMonitor`. Hooks reduce and copy their
+tensor at once, so that an in-place operation later in the network (``ReLU(inplace=True)``)
+cannot change what was captured, and they never change the model's outputs.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +32,15 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
+from ._devices import resolve_device
 from .errors import InvalidArgumentError, LayerNotFoundError, ProbeEngineError
 from .format import name_problem
+from .options import check_sites
+from .reduce import Reduction
 
-__all__ = ["Site", "select_modules", "discover_sites", "hooked", "is_auto_type"]
+__all__ = ["Site", "select_modules", "discover_sites", "hooked", "is_auto_type", "Runner",
+           "Capture", "model_device"]
 
-SITES = ("input", "output")
 _POOLING = (_MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _LPPoolNd)
 _GLOB_CHARS = set("*?[")
 
@@ -110,14 +115,6 @@ def select_modules(model: nn.Module, layers) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
-def _check_sites(sites: Sequence[str] | str) -> tuple[str, ...]:
-    sites = (sites,) if isinstance(sites, str) else tuple(sites)
-    bad = [s for s in sites if s not in SITES]
-    if bad or not sites:
-        raise InvalidArgumentError(f"sites must be some of {SITES}, got {sites!r}")
-    return sites
-
-
 def site_key(module: str, side: str, call: int) -> str:
     if module == "":
         return "input"
@@ -144,7 +141,7 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
     ``sink(site, tensor)`` sees every call. The model is put in eval mode; every module's
     training flag is restored and every hook removed on exit, also when forward raised.
     """
-    sides = _check_sites(sides)
+    sides = check_sites(sides)
     by_name = dict(model.named_modules())
     calls: dict[tuple[str, str], int] = {}
     handles = []
@@ -252,3 +249,142 @@ def discover_sites(
     if dup:
         raise ProbeEngineError(f"two sites share the key(s) {sorted(dup)}; rename a module")
     return list(seen.values())
+
+
+# -- running the model -------------------------------------------------------------------
+_AUTOCAST = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_device(model: nn.Module, device: str | torch.device) -> torch.device:
+    """``"auto"``: the model's device when it is not the CPU, else CUDA when available."""
+    if device == "auto":
+        params = list(model.parameters())
+        if params and params[0].device.type != "cpu":
+            return params[0].device
+    return resolve_device(device)
+
+
+class Runner:
+    """Runs the model on ``device`` under inference mode, autocast and channels-last as
+    asked. A model on one device is moved there and back (``with runner:``); a model spread
+    over several devices (model parallel) stays where it is and gets its inputs on
+    ``device``."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "auto",
+                 autocast: str | None = None, channels_last: bool = False):
+        self.model, self.device = model, model_device(model, device)
+        self.channels_last = channels_last
+        self.amp = _AUTOCAST[autocast]
+        homes = {t.device for t in (*model.parameters(), *model.buffers())}
+        #: the one device the model lives on (None: spread over several, or none)
+        self.home = next(iter(homes)) if len(homes) == 1 else None
+        #: whether ``with runner:`` moves the model to ``device`` and back
+        self.moves = self.home is not None and self.home != self.device
+
+    def __enter__(self) -> Runner:
+        if self.moves:
+            self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+        if self.moves:
+            self.model.to(self.home)
+
+    def forward(self, inputs: torch.Tensor) -> None:
+        x = inputs.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+               else nullcontext())
+        with torch.inference_mode(), amp:
+            self.model(x)
+
+
+class Capture:
+    """The capture loop: hooks -> reduce -> one batch of site tensors.
+
+    ``capture(batches)`` runs the model on each ``(inputs, labels)`` with every site hooked
+    and yields ``(features, labels)``, ``features`` being ``{site key: (B, D) tensor}`` in
+    ``dtype`` on the CPU. Callers that fill buffers of their own (``build_store`` writes
+    straight into its store blocks) run ``with capture.hooked(): capture.batch(inputs,
+    into)`` instead, where ``into(rows)`` gives the destination views of the next batch.
+
+    Each site's reduction runs inside its hook, on the model's device, before anything
+    crosses to the host; on CUDA the cast to ``dtype`` happens there too (half the bytes on
+    the bus). With ``finite_sums``, each site's sum is kept per batch (:meth:`take_sums`):
+    a sum is finite iff every term is, as long as it cannot overflow (float16 terms, below
+    65504, are summed in float32, wider ones in float64), at a fraction of the cost of
+    ``isfinite().all()``.
+    """
+
+    def __init__(self, runner: Runner, sites: Sequence[Site], reductions: Mapping[str, Reduction],
+                 *, sides: Sequence[str] = ("output",), dtype: torch.dtype = torch.float32,
+                 finite_sums: bool = False):
+        self.runner, self.sites, self.reductions = runner, list(sites), reductions
+        self.sides, self.dtype = check_sites(sides), dtype
+        self.keys = [s.key for s in self.sites]
+        self.cuda = runner.device.type == "cuda"
+        self._acc = torch.float32 if dtype == torch.float16 else torch.float64
+        self._finite_sums = finite_sums
+        self._sums: list[tuple[str, torch.Tensor]] = []
+        self._dest: Mapping[str, torch.Tensor] | None = None
+        self._out: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def hooked(self) -> Iterator[Capture]:
+        """Hook the sites for the block (eval mode; every flag and hook restored after)."""
+        modules = list(dict.fromkeys(s.module for s in self.sites))
+        with hooked(self.runner.model, modules, self.sides, self._sink):
+            yield self
+
+    def _sink(self, site: Site, t: torch.Tensor) -> None:
+        if site.key not in self.reductions:
+            raise ProbeEngineError(
+                f"site {site.key!r} ran in this batch but not in the first one (data-dependent "
+                f"control flow); list the layers that always run in `layers`")
+        out = self.reductions[site.key](t)
+        if self.cuda:
+            out = out.to(self.dtype)
+        if self._dest is not None:
+            dest = self._dest[site.key]
+        else:
+            dest = torch.empty(out.shape, dtype=self.dtype, pin_memory=self.cuda)
+        dest.copy_(out, non_blocking=True)  # now: later in-place ops cannot reach it
+        self._out[site.key] = dest
+        if self._finite_sums:
+            self._sums.append((site.key, (out if self.cuda else dest).sum(dtype=self._acc)))
+
+    def batch(self, inputs: torch.Tensor,
+              into: Callable[[int], Mapping[str, torch.Tensor]] | None = None
+              ) -> dict[str, torch.Tensor]:
+        """Run one batch (inside :meth:`hooked`): ``{key: (B, D)}``, the views ``into(B)``
+        gave, else new tensors. With ``into``, copies from a GPU may still be in flight:
+        synchronise before reading them; without, they are done."""
+        self._dest = None if into is None else into(len(inputs))
+        self._out = {}
+        try:
+            self.runner.forward(inputs)
+        finally:
+            self._dest = None
+        if len(self._out) != len(self.keys):
+            raise ProbeEngineError(
+                f"{len(self._out)} of the {len(self.keys)} probe sites ran in this batch "
+                f"(data-dependent control flow); list the layers that always run in `layers`")
+        if into is None and self.cuda:
+            torch.cuda.current_stream(self.runner.device).synchronize()
+        return self._out
+
+    def take_sums(self) -> list[tuple[str, torch.Tensor]]:
+        """(key, sum) of every site call since the last take (``finite_sums``)."""
+        sums, self._sums = self._sums, []
+        return sums
+
+    def __call__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        with self.hooked():
+            for inputs, labels in batches:
+                yield self.batch(inputs), labels

@@ -15,10 +15,24 @@ from torch.utils.data import Subset
 from . import datasets, models
 from .build import build_store
 from .errors import InvalidArgumentError, ProbeEngineError
+from .options import CaptureOptions, SolveOptions, add_arguments, cli_positive, from_args
 from .solve import solve
 from .store import open_store
 
-__all__ = ["main"]
+__all__ = ["main", "parser", "load_data", "API_FLAGS"]
+
+#: How the command line gives each argument of ``build_store`` and ``solve`` that is not one
+#: of their option objects' fields (those get a flag each, from engine.options); ``None``:
+#: Python only, with the reason.
+API_FLAGS = {
+    "build": {"model": "--model", "data": "--data", "path": "PATH", "layers": "--layers",
+              "resume": "--no-resume", "overwrite": "--overwrite", "repair": "--repair",
+              "progress": "--quiet", "client": "--workers / --scheduler",
+              "labels": None},  # callables or arrays: Store.add_labels, in Python
+    "solve": {"source": "PATH", "layers": "--layers", "progress": "--quiet",
+              "client": "--workers / --scheduler",
+              "labels": None},  # labels of in-memory arrays; a store has its own
+}
 
 
 def load_data(spec: str, *, limit: int | None = None, size: int = 224) -> dict:
@@ -57,34 +71,6 @@ def _data_spec(spec: str) -> str:
                                      f"or 'imagefolder:ROOT'")
 
 
-def _positive(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give at least 1")
-    return value
-
-
-def _reduce_arg(values: list[str] | None):
-    """``--reduce SPEC`` or ``--reduce LAYER=SPEC ...`` -> build_store's ``reduce``; raises
-    ValueError (a usage error) on a mix of the two forms."""
-    if not values:
-        return "auto"
-    if len(values) == 1 and "=" not in values[0]:
-        return values[0]
-    out = {}
-    for v in values:
-        key, sep, spec = v.rpartition("=")
-        if not sep or not key:
-            raise ValueError(f"{v!r}: give one SPEC, or LAYER=SPEC pairs only "
-                             f"(e.g. --reduce 'layer*=pool' fc=none)")
-        out[key] = spec
-    return out
-
-
 @contextlib.contextmanager
 def _client(args):
     """The Dask client asked for by --workers N / --scheduler ADDRESS, or None (the parser
@@ -105,26 +91,23 @@ def _client(args):
 
 def _add_dask(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Dask (docs/scaling.md)").add_mutually_exclusive_group()
-    g.add_argument("--workers", type=_positive, help="run on a local Dask cluster of N "
+    g.add_argument("--workers", type=cli_positive, help="run on a local Dask cluster of N "
                    "workers (one per GPU with dask-cuda)")
     g.add_argument("--scheduler", help="run on the Dask cluster at ADDRESS (tcp://host:8786); "
                    "not with --workers")
 
 
 def _build(args) -> int:
-    torch.manual_seed(args.seed)  # an untrained model is the same model on every run
+    options = from_args(CaptureOptions, args, args.parser)
+    torch.manual_seed(options.get("seed", 0))  # an untrained model: the same on every run
     model = _load_model(args)
     data = load_data(args.data, limit=args.limit, size=args.image_size)
     t0 = time.perf_counter()
     with _client(args) as client:
-        store = build_store(
-            model, data, args.path, layers=args.layers or "auto", sites=tuple(args.sites),
-            reduce=args.reduce, max_features=args.max_features, dtype=args.dtype,
-            batch_size=args.batch_size, device=args.device, autocast=args.autocast,
-            channels_last=args.channels_last, compressor=args.compressor, seed=args.seed,
-            resume=not args.no_resume, overwrite=args.overwrite, repair=args.repair,
-            progress=not args.quiet, client=client,
-        )
+        store = build_store(model, data, args.path, layers=args.layers or "auto",
+                            resume=not args.no_resume, overwrite=args.overwrite,
+                            repair=args.repair, progress=not args.quiet, client=client,
+                            **options)
     print(store.summary())
     print(f"built in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -151,36 +134,20 @@ def _load_model(args):
             f"--num-classes) the state_dict was saved from") from exc
 
 
-def _l2_arg(values: list[str] | None):
-    """``--l2 auto`` or ``--l2 X [Y ...]`` -> solve's ``l2``; ValueError (a usage error)
-    otherwise."""
-    if not values or values == ["auto"]:
-        return "auto"
-    if "auto" in values:
-        raise ValueError(f"{' '.join(values)}: give 'auto' alone, or numbers")
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        raise ValueError(f"{' '.join(values)}: give 'auto' or numbers such as 1e-4") from None
-
-
 def _solve(args) -> int:
+    options = from_args(SolveOptions, args, args.parser)
     t0 = time.perf_counter()
     with _client(args) as client:
-        results = solve(
-            args.path, layers=args.layers, label=args.label, solver=args.solver,
-            l2=args.l2, max_iter=args.max_iter, tol=args.tol, epochs=args.epochs,
-            patience=args.patience, lr=args.lr, early_stopping=not args.no_early_stopping,
-            device=args.device, dtype=args.dtype, run=args.run,
-            allow_partial=args.allow_partial, progress=not args.quiet, client=client,
-        )
+        results = solve(args.path, layers=args.layers, progress=not args.quiet, client=client,
+                        **options)
     print(results)
     ran = sorted({(b["device"], b["kernel"], b["matmul"])
                   for b in results.backends.values() if b}, key=str)
     how = "; ".join(f"{d}, {'fused CUDA' if k == 'cuda' else 'torch'} loss kernel, {m} GEMMs"
                     for d, k, m in ran)
+    run = options.get("run", SolveOptions.defaults()["run"])
     print(f"solved {results.table.layer.nunique()} layers in {time.perf_counter() - t0:.1f} s"
-          f"{f' ({how})' if how else ''}; probes saved in {args.path} under probes/{args.run}")
+          f"{f' ({how})' if how else ''}; probes saved in {args.path} under probes/{run}")
     return 0
 
 
@@ -275,22 +242,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="mnist_convnet",
                    help="mnist_convnet or a torchvision model name (resnet50, inception_v3)")
     b.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    b.add_argument("--num-classes", type=_positive)
+    b.add_argument("--num-classes", type=cli_positive, help="classes of the model's head (for "
+                   "--weights of a model trained on other classes)")
     b.add_argument("--data", default="fashion-mnist", type=_data_spec,
                    help="fashion-mnist, fashion-mnist:ROOT or imagefolder:ROOT")
-    b.add_argument("--image-size", type=_positive, default=224)
-    b.add_argument("--limit", type=_positive, help="keep the first N rows of each split")
+    b.add_argument("--image-size", type=cli_positive, default=224)
+    b.add_argument("--limit", type=cli_positive, help="keep the first N rows of each split")
     b.add_argument("--layers", nargs="+", help="names or globs (default: auto)")
-    b.add_argument("--sites", nargs="+", default=["output"], choices=["input", "output"])
-    b.add_argument("--reduce", nargs="+", help="SPEC, or LAYER=SPEC pairs (default: auto)")
-    b.add_argument("--max-features", type=_positive, default=8192)
-    b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    b.add_argument("--batch-size", type=_positive)
-    b.add_argument("--device", default="auto")
-    b.add_argument("--autocast", choices=["bfloat16", "float16"])
-    b.add_argument("--channels-last", action="store_true")
-    b.add_argument("--compressor", default="lz4", choices=["lz4", "zstd"])
-    b.add_argument("--seed", type=int, default=0)
+    add_arguments(b, CaptureOptions, title="capture (engine.options.CaptureOptions)")
     existing = b.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing store")
     existing.add_argument("--no-resume", action="store_true", help="refuse an existing store "
@@ -304,22 +263,7 @@ def parser() -> argparse.ArgumentParser:
     s = _command(sub, "solve", "fit a softmax probe on every layer of a store")
     s.add_argument("path")
     s.add_argument("--layers", nargs="+", help="layer keys (default: all)")
-    s.add_argument("--label", default="y")
-    s.add_argument("--solver", default="lbfgs", choices=["lbfgs", "sgd"])
-    s.add_argument("--l2", nargs="+", help="'auto' (default) or one or more lambdas")
-    s.add_argument("--max-iter", type=_positive, default=500)
-    s.add_argument("--tol", type=float, default=1e-4)
-    s.add_argument("--epochs", type=_positive, default=30, help="sgd")
-    s.add_argument("--patience", type=_positive, default=5, help="sgd")
-    s.add_argument("--lr", type=float, default=1e-2, help="sgd")
-    s.add_argument("--no-early-stopping", action="store_true", help="sgd")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--dtype", default="float32",
-                   choices=["float32", "tf32", "float64", "bfloat16"],
-                   help="tf32: TF32 GEMMs on CUDA; bfloat16: bfloat16 products, sgd only")
-    s.add_argument("--run", default="default", help="name under probes/ in the store")
-    s.add_argument("--allow-partial", action="store_true",
-                   help="solve an incomplete store on its committed rows")
+    add_arguments(s, SolveOptions, title="solver (engine.options.SolveOptions)")
     s.add_argument("--quiet", action="store_true")
     _add_dask(s)
     s.set_defaults(func=_solve, parser=s)
@@ -354,13 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error (one line on stderr; ``--debug`` for the traceback),
     2 a usage error (from argparse)."""
     args = parser().parse_args(argv)
-    # the values argparse cannot check alone: a usage error (exit 2) like any other
-    for name, convert in (("reduce", _reduce_arg), ("l2", _l2_arg)):
-        if hasattr(args, name):
-            try:
-                setattr(args, name, convert(getattr(args, name)))
-            except ValueError as exc:
-                args.parser.error(f"argument --{name}: {exc}")
     try:
         return args.func(args)
     except (ProbeEngineError, OSError, ValueError) as exc:

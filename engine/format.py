@@ -46,7 +46,7 @@ __all__ = ["FORMAT_VERSION", "ATTR", "DTYPES", "COMPRESSORS", "MAX_CHUNK_BYTES",
            "index_path", "indices_path", "split_of", "chunk_key", "chunk_prefix",
            "compressors", "chunk_rows", "block_rows_for", "bf16_bits_to_float32", "open_root",
            "create_root", "read_meta", "write_meta", "ensure_arrays", "write_label_array",
-           "set_num_classes", "run_fingerprint", "start_run", "save_probe", "saved_probes",
+           "infer_num_classes", "run_fingerprint", "start_run", "save_probe", "saved_probes",
            "run_config", "run_names", "json_safe", "from_json_safe", "describe_path",
            "remove_store", "is_local", "writable"]
 
@@ -584,8 +584,10 @@ def write_label_array(group: zarr.Group, meta: StoreMeta, split: str, name: str,
     arr.with_config({"write_empty_chunks": True})[:] = values
 
 
-def set_num_classes(group: zarr.Group, meta: StoreMeta, n: int) -> None:
-    """Record ``n`` in every split's ``labels/y`` attributes where it is not there yet."""
+def infer_num_classes(group: zarr.Group, meta: StoreMeta) -> None:
+    """``num_classes`` neither given nor known from the dataset: the largest committed label
+    + 1, written into every split's ``labels/y`` attributes where it is not there yet."""
+    n = 1 + max((-1 if s.max_label is None else s.max_label) for s in meta.splits.values())
     for split in meta.splits:
         arr = group[labels_path(split)]
         if arr.attrs.get("num_classes") != n:

@@ -25,7 +25,7 @@ from .format import COMPRESSORS, DTYPES, StoreConfig, check_name
 from .reduce import check_reduce
 
 __all__ = ["CaptureOptions", "LBFGSOptions", "SGDOptions", "SolveOptions", "DEFAULT_L2_GRID",
-           "SITES", "add_arguments", "from_args"]
+           "SITES", "check_sites", "l2_grid", "add_arguments", "from_args"]
 
 #: lambda values tried by ``l2="auto"`` (per-row loss scale: sklearn C = 1 / (lambda * N))
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -80,7 +80,8 @@ def flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def _sites(value: Any, name: str) -> tuple[str, ...]:
+def check_sites(value: Any, name: str = "sites") -> tuple[str, ...]:
+    """``"output"``, ``("input", "output")``, ... -> a tuple of sides."""
     sites = (value,) if isinstance(value, str) else tuple(value) if isinstance(
         value, Sequence) else (value,)
     if not sites or any(s not in SITES for s in sites):
@@ -277,7 +278,7 @@ class CaptureOptions(Options):
     store's contents or the run, beside the model, the data and the layers."""
 
     sites: tuple[str, ...] = option(("output",), "the input and/or output side of each "
-                                    "selected module", check=_sites,
+                                    "selected module", check=check_sites,
                                     cli={"nargs": "+", "choices": SITES})
     reduce: Any = option("auto", "'none', 'pool', 'pool:HxW', 'subsample:K' or 'auto' (by "
                          "max_features); per layer: LAYER=SPEC pairs", check=_reduce,
@@ -287,7 +288,8 @@ class CaptureOptions(Options):
     dtype: str = option("float16", "storage dtype of the features", choices=tuple(DTYPES))
     num_classes: int | None = option(None, "number of classes of y (default: the dataset's "
                                      "classes, else the largest label + 1)",
-                                     check=optional_positive, cli={"flag": "--label-classes"})
+                                     check=optional_positive,
+                                     cli={"flag": "--label-classes", "metavar": "N"})
     valid_size: Any = option("auto", "rows carved out of train for a 'valid' split when the "
                              "data has none: 'auto' (10,000 or 10%%), a count or a fraction",
                              check=_valid_size, cli={"type": _cli_valid_size})
@@ -343,7 +345,8 @@ class SGDOptions(Options):
     batch_size: int = option(256, "SGD: rows per minibatch", check=positive)
     seed: int = option(0, "SGD: seed of the shuffled row order", check=integer)
     early_stopping: bool = option(True, "SGD: stop each probe by its validation error (needs "
-                                  "a 'valid' split) and keep its best weights", check=flag)
+                                  "a 'valid' split) and keep its best weights", check=flag,
+                                  cli={"help": "SGD: run every epoch, no early stopping"})
 
 
 @dataclass(frozen=True)
@@ -415,7 +418,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *,
         name = _flag(f)
         cli.pop("flag", None)
         cli.pop("convert", None)
-        help_ = f.metadata["help"]
+        help_ = cli.pop("help", f.metadata["help"])
         if isinstance(f.default, bool):
             if f.default:
                 name = "--no-" + name.removeprefix("--")
@@ -431,9 +434,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *,
             kind = float
         choices = cli.pop("choices", f.metadata["choices"]
                           or getattr(f.metadata["check"], "allowed", None))
-        shown = f.default if not isinstance(f.default, tuple) else " ".join(f.default)
+        if f.default is not None and "default" not in help_:
+            shown = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+            help_ = f"{help_} (default: {shown})"
         group.add_argument(name, dest=f.name, type=kind, choices=choices, default=None,
-                           help=f"{help_} (default: {shown})", **cli)
+                           help=help_, **cli)
 
 
 def from_args(cls: type[Options], args: argparse.Namespace,

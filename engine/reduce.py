@@ -23,8 +23,9 @@ import fnmatch
 import math
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 
 from .errors import LayerNotFoundError, ReductionError
 
-__all__ = ["Reduction", "resolve_reduction", "parse_reduction", "check_reduce",
-           "check_reduce_keys"]
+__all__ = ["Reduction", "resolve_reduction", "resolve_reductions", "parse_reduction",
+           "check_reduce", "check_reduce_keys", "spec_for"]
 
 _POOL_GRID = re.compile(r"pool:([0-9]+)x([0-9]+)")
 _SUBSAMPLE = re.compile(r"subsample:([0-9]+)")
@@ -231,3 +232,30 @@ def resolve_reduction(
             f"use 'none' or a smaller K"
         )
     return Reduction(f"subsample:{k}", in_shape, k, subsample_indices(n, k, seed, key))
+
+
+def spec_for(reduce: str | Mapping[str, str], site: Any) -> str:
+    """The spec ``reduce`` gives one probe site: the spec itself, or the dict's entry for the
+    site's key, its module's name, or the first glob over keys that matches; else "auto"."""
+    if isinstance(reduce, str):
+        return reduce
+    for key in (site.key, site.module or "input"):
+        if key in reduce:
+            return reduce[key]
+    for pattern, spec in reduce.items():
+        if fnmatch.fnmatchcase(site.key, pattern):
+            return spec
+    return "auto"
+
+
+def resolve_reductions(reduce: str | Mapping[str, str], found: Sequence[tuple[Any, tuple]], *,
+                       max_features: int, seed: int) -> dict[str, Reduction]:
+    """Every found ``(site, per-row shape)``'s reduction, by site key. One spec for every
+    layer adapts to each (pooling a layer without spatial axes keeps it whole); a dict's
+    specs are taken as given, and each of its keys must pick a site."""
+    check_reduce(reduce)
+    check_reduce_keys(reduce, [site for site, _ in found])
+    return {site.key: resolve_reduction(spec_for(reduce, site), shape, key=site.key,
+                                        max_features=max_features, seed=seed,
+                                        strict=not isinstance(reduce, str))
+            for site, shape in found}

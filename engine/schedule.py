@@ -17,14 +17,20 @@ and the store and probes stay those of a single process.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import format as fmt
+from ._fit import solve_stored
+from ._writer import Block, CaptureJob, write_rows
+from .capture import Runner
 from .errors import ProbeEngineError
+from .options import SolveOptions
 
-__all__ = ["cluster", "RETRIES"]
+__all__ = ["cluster", "solve_on", "build_on", "remove_markers", "RETRIES", "SHARDS"]
 
 RETRIES = 2  # Dask re-runs a failing task this many times before its error is final
 
@@ -67,21 +73,19 @@ def _worker_threads() -> None:
         pass
 
 
-def _solve_task(path: str, layer: str, kwargs: dict) -> dict:
+def _solve_task(path: str, layer: str, options: SolveOptions) -> dict:
     """On a worker: solve one layer of the store at ``path`` into its run; returns timings."""
-    from .solve import solve
-
     _worker_threads()
     start, t0 = time.time(), time.perf_counter()
-    solve(path, layers=[layer], progress=False, **kwargs)
+    solve_stored(path, [layer], options)
     return {"layer": layer, "start": start, "seconds": time.perf_counter() - t0,
             "pid": os.getpid()}
 
 
-def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwargs: dict,
-             *, progress: bool = False) -> list[dict]:
-    """Solve ``layers`` of ``store`` on the workers of ``client``, one task per layer, the
-    costliest first; returns the tasks' reports.
+def solve_on(client, path: str, layers: list[str], costs: Mapping[str, float],
+             options: SolveOptions, *, progress: bool = False) -> list[dict]:
+    """Solve ``layers`` of the store at ``path`` on the workers of ``client``, one task per
+    layer, the costliest first; returns the tasks' reports.
 
     Pinning layers to workers by their estimated costs (static LPT) was tried: iteration
     counts vary several-fold between layers of one cost, and it reached a 2-worker
@@ -94,7 +98,7 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
     if not workers:
         raise ProbeEngineError("the Dask cluster has no workers; start some, or pass no client")
     futures = {
-        layer: client.submit(_solve_task, store.path, layer, kwargs,
+        layer: client.submit(_solve_task, path, layer, options,
                              key=f"probe-{layer}-{time.time_ns()}", retries=RETRIES,
                              pure=False, priority=int(costs[layer]))
         for layer in sorted(layers, key=lambda k: -costs[k])
@@ -104,7 +108,7 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
         for _ in as_completed(list(futures.values())):
             bar.update(1)
     _raise_failed(futures, lambda layer: f"solving layer {layer!r}", "layers",
-                  f"The probes already saved in {store.path} are kept; fix the cause and run "
+                  f"The probes already saved in {path} are kept; fix the cause and run "
                   f"the same solve again to finish")
     return [fut.result() for fut in futures.values()]
 
@@ -121,41 +125,93 @@ def _raise_failed(futures: dict, name, plural: str, advice: str) -> None:
             f"{type(exc).__name__}: {exc}. {advice}") from exc
 
 
-def _shard_task(path: str, model: bytes, *args) -> dict:
-    import pickle
+# -- shard-parallel builds ---------------------------------------------------------------
+#: where the tasks of a Dask build mark their finished blocks; removed when the build ends
+SHARDS = ".probe-engine-shards"
 
-    from .build import _capture_shard
+
+def _shard_fs(path: str):
+    """(fsspec filesystem, marker folder) of the store at ``path``, a path or any URL."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path))
+    return fs, f"{root.rstrip('/')}/{SHARDS}"
+
+
+def _marker(path: str, split: str, start: int, stop: int) -> str:
+    return f"{_shard_fs(path)[1]}/{split}/{start}-{stop}"
+
+
+def _marked(path: str, split: str, start: int, stop: int) -> bool:
+    return _shard_fs(path)[0].exists(_marker(path, split, start, stop))
+
+
+def remove_markers(path: str) -> None:
+    """Drop the block markers of an unfinished Dask build (a single process redoes those
+    blocks, uncommitted as they are)."""
+    fs, folder = _shard_fs(path)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def _mark(path: str, block: Block) -> None:
+    """A block's arrays are written: say so, all or nothing, with its largest label."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs = _shard_fs(path)[0]
+    marker = _marker(path, block.split, block.start, block.stop)
+    data = json.dumps({"max_label": int(block.arrays[fmt.labels_path(block.split)].max())})
+    fs.makedirs(marker.rpartition("/")[0], exist_ok=True)
+    if isinstance(fs, LocalFileSystem):  # write aside, then rename
+        fs.pipe_file(marker + ".tmp", data.encode())
+        fs.mv(marker + ".tmp", marker)
+    else:  # an object store's put is already all or nothing
+        fs.pipe_file(marker, data.encode())
+
+
+def _shard_task(path: str, model: bytes, job: CaptureJob, split: str, start: int,
+                stop: int) -> dict:
+    """On a worker: capture rows [start, stop) (whole blocks) of ``split`` into the store
+    at ``path``; each block is marked done only once its arrays are written."""
+    import pickle
 
     _worker_threads()
     # the model travels pickled by us: Dask's own torch serializer rebuilds a module's hook
     # tables as plain dicts, on which torch can no longer register hooks
-    return _capture_shard(path, pickle.loads(model), *args)
+    runner = Runner(pickle.loads(model), job.options.device, job.options.autocast,
+                    job.options.channels_last)
+    group = fmt.open_root(path, write=True)
+    meta = fmt.read_meta(group, path)
+    t0 = time.perf_counter()
+    with runner:
+        write_rows(runner, job, group, meta, path=path, ranges={split: (start, stop)},
+                   on_commit=lambda block: _mark(path, block))
+    return {"split": split, "start": start, "stop": stop, "seconds": time.perf_counter() - t0,
+            "pid": os.getpid()}
 
 
-def build_on(client, path: str, group, meta: dict, model, splits, sites, reductions, extras, *,
-             capture: dict, runner: dict, progress: bool = False) -> None:
-    """Capture every uncommitted block of ``splits`` on the workers of ``client`` (one task
-    per block of ``config.block_rows`` rows), then commit the store."""
+def build_on(client, path: str, group, meta: fmt.StoreMeta, model, job: CaptureJob, *,
+             progress: bool = False) -> None:
+    """Capture every uncommitted block of the job's splits on the workers of ``client`` (one
+    task per block of ``block_rows`` rows), then commit them in ``meta``, exactly as a
+    single-process build leaves them."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    from .build import _finish_shards, _marked
-
-    block_rows = meta["config"]["block_rows"]
-    shards = [(s.name, b0, min(b0 + block_rows, s.rows)) for s in splits
-              for b0 in range(meta["splits"][s.name]["rows_committed"], s.rows, block_rows)]
+    block_rows = meta.config.block_rows
+    shards = [(s.name, b0, min(b0 + block_rows, s.rows)) for s in job.splits
+              for b0 in range(meta.splits[s.name].rows_committed, s.rows, block_rows)]
     if not shards:  # complete already: write nothing
         return
     todo = [sh for sh in shards if not _marked(path, *sh)]
     if todo:
-        # the model and data go to every worker once, not with every task
+        # the model and the job go to every worker once, not with every task
         import cloudpickle
 
-        shared = client.scatter([cloudpickle.dumps(model), splits, sites, reductions, extras],
-                                broadcast=True, hash=False)
+        shared = client.scatter([cloudpickle.dumps(model), job], broadcast=True, hash=False)
         stamp = time.time_ns()
         futures = {
-            sh: client.submit(_shard_task, path, *shared, capture, runner, *sh,
+            sh: client.submit(_shard_task, path, *shared, *sh,
                               key=f"capture-{sh[0]}-{sh[1]}-{stamp}", retries=RETRIES,
                               pure=False)
             for sh in todo
@@ -170,4 +226,21 @@ def build_on(client, path: str, group, meta: dict, model, splits, sites, reducti
         _raise_failed(futures, lambda sh: f"capturing split {sh[0]!r}, rows {sh[1]}..{sh[2]}",
                       "blocks", f"The blocks already written to {path} are kept; fix the "
                       f"cause and build again with resume=True")
-    _finish_shards(path, group, meta, splits)
+    _commit_shards(path, group, meta, job)
+
+
+def _commit_shards(path: str, group, meta: fmt.StoreMeta, job: CaptureJob) -> None:
+    """Every block written: commit the splits in the root metadata as a single-process
+    build does, then drop the markers."""
+    fs, folder = _shard_fs(path)
+    for s in job.splits:
+        info = meta.splits[s.name]
+        markers = [m for m in fs.glob(f"{folder}/{s.name}/*-*") if not m.endswith(".tmp")]
+        labels = [json.loads(fs.cat_file(m))["max_label"] for m in markers]
+        if labels:
+            info.max_label = max(-1 if info.max_label is None else info.max_label, *labels)
+        info.rows_committed = s.rows
+    if meta.dataset.num_classes is None:
+        fmt.infer_num_classes(group, meta)  # before the commit that says "complete"
+    fmt.write_meta(group, meta)
+    remove_markers(path)

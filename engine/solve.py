@@ -194,7 +194,10 @@ def solve(
                           early_stopping=early_stopping, epochs=epochs, patience=patience,
                           lr=lr, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
                           run=run, allow_partial=allow_partial)
-            schedule.solve_on(client, store, todo, costs, kwargs, progress=progress)
+            from .options import SolveOptions
+
+            schedule.solve_on(client, store.path, todo, costs,
+                              SolveOptions.from_kwargs(**kwargs), progress=progress)
         finished = fmt.saved_probes(fmt.open_root(store.path), run)
         missing = [layer for layer in data.layers if layer not in finished]
         if missing:  # pragma: no cover - solve_on raises first

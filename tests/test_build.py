@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -17,6 +18,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import engine
 from engine import _writer
+from engine.capture import Runner
 from engine.datasets import ArrayDataset
 
 
@@ -520,20 +522,17 @@ def test_a_site_that_stops_firing_is_an_error_not_stale_rows(tmp_path, fashion):
 
 
 def test_interrupted_creation_is_resumable(tmp_path, fashion, convnet, monkeypatch):
-    from engine import build as build_module
-
     path = tmp_path / "s.zarr"
-    original = build_module._ensure_arrays
+    original = engine.format.ensure_arrays
 
-    def half(group, meta, reductions, cname, **kw):
-        meta = {**meta, "layers": meta["layers"][:3]}
-        original(group, meta, reductions, cname, **kw)
+    def half(group, meta, indices, **kw):
+        original(group, dataclasses.replace(meta, layers=meta.layers[:3]), indices, **kw)
         raise KeyboardInterrupt("killed while creating arrays")
 
-    monkeypatch.setattr(build_module, "_ensure_arrays", half)
+    monkeypatch.setattr(engine.format, "ensure_arrays", half)
     with pytest.raises(KeyboardInterrupt):
         build(convnet, fashion["test"], path)
-    monkeypatch.setattr(build_module, "_ensure_arrays", original)
+    monkeypatch.setattr(engine.format, "ensure_arrays", original)
     store = build(convnet, fashion["test"], path)
     assert store.complete and store.verify().ok and len(store.layers) == 10
 
@@ -549,11 +548,11 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, fashion, convne
 
 def test_model_spread_over_devices_is_not_moved(tmp_path, fashion):
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
-    run = engine.build._Runner(model, torch.device("cpu"), None, False)
-    assert run._home == torch.device("cpu") and not run._move
+    run = Runner(model, "cpu")
+    assert run.home == torch.device("cpu") and not run.moves
     model.register_buffer("elsewhere", torch.zeros(1, device="meta"))
-    run = engine.build._Runner(model, torch.device("cpu"), None, False)
-    assert run._home is None and not run._move
+    run = Runner(model, "cpu")
+    assert run.home is None and not run.moves
 
 
 def test_dataloader_workers_give_the_same_store(tmp_path, fashion, convnet):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
+import engine
 from engine.callbacks import ProbeMonitor
 from engine.datasets import collate
 
@@ -78,3 +80,24 @@ def test_probe_monitor_checks_its_arguments(fashion):
     with pytest.raises(ValueError, match="every_n_epochs"):
         ProbeMonitor(["net.1"], {"train": fashion["train"], "valid": fashion["test"]},
                      every_n_epochs=0)
+
+
+def test_the_callbacks_features_are_the_stores(fashion, tmp_path):
+    """One capture loop: ProbeMonitor sees, in float32, what build_store stores for the same
+    model, layers and reductions (a pooled conv map and a subsampled layer among them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 28 * 28, 16))
+    data = {"train": fashion["test"].subset(0, 60), "valid": fashion["test"].subset(60, 90)}
+    layers, reduce = ["0", "1", "3"], {"0": "pool:7x7", "1": "subsample:50"}
+    monitor = ProbeMonitor(layers, data, reduce=reduce, batch_size=16, seed=3)
+    store = engine.build_store(model, data, tmp_path / "s.zarr", layers=layers, reduce=reduce,
+                               seed=3, dtype="float32", batch_size=16, progress=False)
+    assert store.layers == ["0", "1", "3"]
+    assert store.layer_info("1")["reduction"] == "subsample:50"
+    for split, dataset in data.items():
+        features, labels = monitor.capture(model, dataset)
+        assert sorted(features) == sorted(store.layers)
+        np.testing.assert_array_equal(labels, store.labels(split))
+        for layer in store.layers:
+            np.testing.assert_array_equal(features[layer], store.read(split, layer))

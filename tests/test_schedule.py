@@ -53,15 +53,21 @@ def client():
 SOLVE = dict(l2=[1e-4, 1e-2], tol=1e-6, device="cpu", progress=False)
 
 
-def single(store, run):
-    """The single-process solve with one torch thread, as each one-thread worker runs it:
-    the same arithmetic in the same order, so the same bits."""
+def one_thread(fn, *args, **kwargs):
+    """``fn`` with one torch thread, as each one-thread worker runs its tasks: the same
+    arithmetic in the same order, so the same bits (across thread counts, matrix products
+    may round differently)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return engine.solve(store, run=run, **SOLVE)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
+
+
+def single(store, run):
+    """The single-process solve, at the workers' thread count."""
+    return one_thread(engine.solve, store, run=run, **SOLVE)
 
 
 def test_one_worker_takes_the_costliest_layers_first(store):
@@ -70,7 +76,8 @@ def test_one_worker_takes_the_costliest_layers_first(store):
     with engine.cluster(1) as one:
         costs = {"1": 10.0, "2": 40.0, "3": 30.0, "4": 20.0}
         kwargs = {k: v for k, v in SOLVE.items() if k != "progress"}
-        reports = schedule.solve_on(one, store, LAYERS, costs, dict(kwargs, run="order"))
+        options = engine.options.SolveOptions.from_kwargs(**kwargs, run="order")
+        reports = schedule.solve_on(one, store.path, LAYERS, costs, options)
     assert [r["layer"] for r in sorted(reports, key=lambda r: r["start"])] == ["2", "3", "4", "1"]
 
 
@@ -200,7 +207,7 @@ def mlp():
 
 
 def test_distributed_build_equals_the_single_process_build(fashion, mlp, client, tmp_path):
-    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
     ours = engine.build_store(mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD)
     assert one.meta.config.block_rows == 32  # 27 blocks: many tasks on two workers
     _assert_same_store(one.path, ours.path)
@@ -216,7 +223,7 @@ def test_distributed_build_equals_the_single_process_build(fashion, mlp, client,
 def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, client, tmp_path):
     store, _ = run_killing_a_worker(client, lambda: engine.build_store(
         mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD))
-    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
     _assert_same_store(one.path, store.path)
 
 
@@ -238,7 +245,7 @@ def test_an_fsspec_url_store_builds_and_solves_on_the_cluster(fashion, mlp, clie
     url = f"file://{tmp_path}/url.zarr"  # through fsspec, as an object store would be
     ours = engine.build_store(mlp, fashion, url, client=client, **BUILD)
     assert ours.path == url and ours.complete
-    one = engine.build_store(mlp, fashion, tmp_path / "one.zarr", **BUILD)
+    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
     _assert_same_store(one.path, tmp_path / "url.zarr")
     res = engine.solve(url, client=client, layers=["1", "3"], **SOLVE)
     assert list(res.weights) == ["1", "3"]
