@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +94,7 @@ def _hook_writes(root: Path, kill: dict | None, trace: str | None) -> None:
             if kill["mode"] == "mid":  # zarr's temporary file half-written, never renamed
                 path.parent.mkdir(parents=True, exist_ok=True)
                 data = _zarr.buffer_bytes(value)
-                with open(path.with_suffix(f".{uuid.uuid4().hex}.partial"), "wb") as f:
+                with open(_zarr.temp_path(path), "wb") as f:
                     f.write(data[: len(data) // 2])
                     f.flush()
                     _die()

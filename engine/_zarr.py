@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import uuid
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,8 @@ from zarr.core.sync import sync as _sync
 
 __all__ = ["TESTED", "GroupNotFoundError", "ZarrStore", "sync", "open_zarr_store", "exists",
            "exists_many", "list_prefix", "delete_all", "TEMP_FILE", "temp_files",
-           "remove_temp_files", "LOCAL_PUT", "BLOSC_ENCODE", "write_aside", "buffer_bytes",
+           "remove_temp_files", "LOCAL_PUT", "BLOSC_ENCODE", "write_aside", "temp_path",
+           "buffer_bytes",
            "version"]
 
 #: the zarr-python minor version these assumptions were checked against
@@ -94,6 +96,11 @@ BLOSC_ENCODE = (BloscCodec, "_encode_single")
 #: ``write_aside(path, mode, exclusive)``: the context manager ``LocalStore`` writes a key
 #: through (a temporary file, renamed over ``path`` when the block exits cleanly)
 write_aside = _local._atomic_write
+
+
+def temp_path(path: Path) -> Path:
+    """A name ``LocalStore`` could write the key at ``path`` aside to (:data:`TEMP_FILE`)."""
+    return path.with_suffix(f".{uuid.uuid4().hex}.partial")
 
 
 def buffer_bytes(value: Any) -> bytes:

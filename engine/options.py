@@ -148,11 +148,12 @@ def _cli_l2(values: list[str]) -> str | list[float]:
     if values == ["auto"]:
         return "auto"
     if "auto" in values:
-        raise ValueError(f"{' '.join(values)}: give 'auto' alone, or numbers")
+        raise InvalidArgumentError(f"{' '.join(values)}: give 'auto' alone, or numbers")
     try:
         return [float(v) for v in values]
     except ValueError:
-        raise ValueError(f"{' '.join(values)}: give 'auto' or numbers such as 1e-4") from None
+        raise InvalidArgumentError(f"{' '.join(values)}: give 'auto' or numbers such as "
+                                   f"1e-4") from None
 
 
 def _cli_reduce(values: list[str]) -> str | dict[str, str]:
@@ -162,8 +163,8 @@ def _cli_reduce(values: list[str]) -> str | dict[str, str]:
     for v in values:
         key, sep, spec = v.rpartition("=")
         if not sep or not key:
-            raise ValueError(f"{v!r}: give one SPEC, or LAYER=SPEC pairs only "
-                             f"(e.g. --reduce 'layer*=pool' fc=none)")
+            raise InvalidArgumentError(f"{v!r}: give one SPEC, or LAYER=SPEC pairs only "
+                                       f"(e.g. --reduce 'layer*=pool' fc=none)")
         out[key] = spec
     return out
 

@@ -124,7 +124,7 @@ class Reduction:
             if ih % h or iw % w:
                 return F.adaptive_avg_pool2d(t, self.params).flatten(1)
             if t.device.type == "cpu" and t.is_contiguous():
-                return _tile_mean(t, ih // h, iw // w).flatten(1)
+                return tile_mean(t, ih // h, iw // w).flatten(1)
             return F.avg_pool2d(t, (ih // h, iw // w)).flatten(1)
         idx = self._device_indices.get(t.device)
         if idx is None:
@@ -136,7 +136,7 @@ class Reduction:
         return {"spec": self.spec, "in_shape": list(self.in_shape), "dim": self.dim}
 
 
-def _tile_mean(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+def tile_mean(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Means of the (kh, kw) tiles of a contiguous (B, C, H, W) tensor, by strided adds.
 
     The same values as ``avg_pool2d(t, (kh, kw))`` (up to summation order); on the CPU about
