@@ -378,8 +378,8 @@ class SolveOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.dtype == "bfloat16" and self.solver == "lbfgs":
-            # measured (benchmarks.precision, docs/solve.md): bfloat16 passes lose the way
-            # once max|grad| nears 5e-4..1.5e-3, after 6-8% of float32's iterations
+            # bfloat16 gradients are too coarse for L-BFGS's line search near the optimum
+            # (measured by benchmarks.precision: benchmarks/RESULTS.md, "Precision")
             raise InvalidArgumentError(
                 "dtype='bfloat16' is for solver='sgd': L-BFGS with bfloat16 products stalls "
                 "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for "

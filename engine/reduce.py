@@ -139,8 +139,9 @@ class Reduction:
 def tile_mean(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """Means of the (kh, kw) tiles of a contiguous (B, C, H, W) tensor, by strided adds.
 
-    The same values as ``avg_pool2d(t, (kh, kw))`` (up to summation order); on the CPU about
-    5x faster, since avg_pool2d's NCHW kernel is slow there and the hooks run on every batch.
+    The same values as ``avg_pool2d(t, (kh, kw))`` (up to summation order), faster on the CPU,
+    where avg_pool2d's NCHW kernel is slow and the hooks run on every batch (benchmarks/
+    RESULTS.md, "Capture").
     """
     b, c, h, w = t.shape
     cols = t.view(b, c, h, w // kw, kw)

@@ -27,7 +27,7 @@ from .errors import InvalidArgumentError, ReportError
 from .format import json_safe
 from .results import ProbeResults
 
-__all__ = ["report", "monotonicity"]
+__all__ = ["report", "monotonicity", "site_ticks"]
 
 SPLITS = ("train", "valid", "test")
 
@@ -82,7 +82,9 @@ def _long_table(states: dict[str, ProbeResults]) -> pd.DataFrame:
 LABELLED_SITES = 40
 
 
-def _site_ticks(layers: list[str]) -> tuple[list[int], list[str]]:
+def site_ticks(layers: list[str]) -> tuple[list[int], list[str]]:
+    """(positions, names) of the sites an axis labels: at most :data:`LABELLED_SITES`,
+    evenly spaced, so that a 128-layer sweep stays readable."""
     step = math.ceil(len(layers) / LABELLED_SITES)
     idx = list(range(0, len(layers), step))
     return idx, [layers[i] for i in idx]
@@ -114,7 +116,7 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
         ax.set_ylabel("top-1 error")
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_xticks(*_site_ticks(layers), rotation=35, ha="right", fontsize=9)
+        ax.set_xticks(*site_ticks(layers), rotation=35, ha="right", fontsize=9)
         # above the axes, beside the title: never over the data
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8,
                   frameon=False, borderaxespad=0.2)
@@ -144,7 +146,7 @@ def _heatmap(states: dict[str, ProbeResults], split: str, path: Path) -> None:
         if numbers and np.isfinite(v):
             ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
                     color="white" if v > 0.6 * top else "black")
-    ax.set_yticks(*_site_ticks(layers), fontsize=9)
+    ax.set_yticks(*site_ticks(layers), fontsize=9)
     ax.set_xticks(range(len(states)), list(states), rotation=35, ha="right", fontsize=9)
     ax.set_xlabel("model state (training step)")
     ax.set_ylabel("probe site")

@@ -87,9 +87,9 @@ def solve_on(client, path: str, layers: list[str], costs: Mapping[str, float],
     """Solve ``layers`` of the store at ``path`` on the workers of ``client``, one task per
     layer, the costliest first; returns the tasks' reports.
 
-    Pinning layers to workers by their estimated costs (static LPT) was tried: iteration
-    counts vary several-fold between layers of one cost, and it reached a 2-worker
-    efficiency of 0.78 where this dynamic order reached 0.91-0.98 (benchmarks/RESULTS.md).
+    Pinning layers to workers by their estimated costs (static LPT) was tried and lost to
+    this dynamic order: iteration counts vary several-fold between layers of one cost
+    (benchmarks/RESULTS.md, "Scaling").
     """
     from distributed import as_completed
     from tqdm.auto import tqdm

@@ -123,6 +123,9 @@ def _private_uses(path: Path) -> list[str]:
     def module_of(expr: ast.expr) -> str | None:
         if isinstance(expr, ast.Name):
             return aliases.get(expr.id)
+        if (isinstance(expr, ast.Call) and getattr(expr.func, "attr", "") == "import_module"
+                and expr.args and isinstance(expr.args[0], ast.Constant)):
+            return expr.args[0].value
         if isinstance(expr, ast.Attribute):
             parent = module_of(expr.value)
             if parent and f"{parent}.{expr.attr}" in SOURCES:

@@ -81,7 +81,7 @@ def test_a_deep_sweep_keeps_its_figures_readable(tmp_path):
     for name in ("errors.png", "heatmap.png"):
         fmt, (w, h) = _png_size(tmp_path / name)
         assert fmt == "PNG" and w <= 2500 and h <= 5000, (name, w, h)
-    idx, labels = importlib.import_module("engine.report")._site_ticks(layers)
+    idx, labels = importlib.import_module("engine.report").site_ticks(layers)
     assert len(labels) <= 40 and labels[0] == "layers.0" and idx == sorted(idx)
 
 
