@@ -198,3 +198,33 @@ def test_the_import_name_kernels_is_not_ours(tmp_path):
                          text=True, check=True).stdout.split()
     assert out[0] == "kernels"  # the top-level folder, installed under engine's name
     assert out[1] == "None" or not out[1].startswith(str(ROOT))
+
+
+def _module_map() -> dict[str, int]:
+    """docs/design.md's module map: module -> its row (imports must point to rows above or
+    to their own)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text[text.index("## 8. Module map"):]
+    rank = {}
+    for row, line in enumerate(x for x in table.splitlines() if x.startswith("| `")):
+        for name in line.split("|")[1].replace("`", "").replace(" ", "").split(","):
+            if name.startswith("kernels/"):
+                rank.update({m: row for m in SOURCES if m.startswith("engine.kernels")})
+            else:
+                rank["engine." + name.removesuffix(".py")] = row
+    return rank
+
+
+def test_imports_follow_the_module_map():
+    rank = _module_map()
+    modules = set(SOURCES) - {"engine"}
+    assert modules <= set(rank), f"not in docs/design.md's module map: {modules - set(rank)}"
+    assert set(rank) <= modules, f"in the module map, not in engine/: {set(rank) - modules}"
+    upward = []
+    for name in sorted(modules):
+        for source, names, line in _imports(SOURCES[name]):
+            for target in _engine_targets(source, names):
+                if target in rank and rank[target] > rank[name]:
+                    upward.append(f"{_rel(SOURCES[name])}:{line}: imports {target}, listed "
+                                  f"below it")
+    assert not upward, "imports up the module map:\n" + "\n".join(upward)
