@@ -67,21 +67,22 @@ def _worker_threads() -> None:
         pass
 
 
-def _solve_task(path: str, layer: str, kwargs: dict) -> dict:
+def _solve_task(path: str, layer: str, options) -> dict:
     """On a worker: solve one layer of the store at ``path`` into its run; returns timings."""
-    from .solve import solve
+    from ._fit import solve_stored
 
     _worker_threads()
     start, t0 = time.time(), time.perf_counter()
-    solve(path, layers=[layer], progress=False, **kwargs)
+    solve_stored(path, [layer], options)
     return {"layer": layer, "start": start, "seconds": time.perf_counter() - t0,
             "pid": os.getpid()}
 
 
-def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwargs: dict,
-             *, progress: bool = False) -> list[dict]:
-    """Solve ``layers`` of ``store`` on the workers of ``client``, one task per layer, the
-    costliest first; returns the tasks' reports.
+def solve_on(client, path: str, layers: list[str], costs: Mapping[str, float], options, *,
+             progress: bool = False) -> list[dict]:
+    """Solve ``layers`` of the store at ``path`` on the workers of ``client`` with
+    ``options`` (an :class:`engine.options.SolveOptions`), one task per layer, the costliest
+    first, each running :func:`engine._fit.solve_stored`; returns the tasks' reports.
 
     Pinning layers to workers by their estimated costs (static LPT) was tried: iteration
     counts vary several-fold between layers of one cost, and it reached a 2-worker
@@ -94,7 +95,7 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
     if not workers:
         raise ProbeEngineError("the Dask cluster has no workers; start some, or pass no client")
     futures = {
-        layer: client.submit(_solve_task, store.path, layer, kwargs,
+        layer: client.submit(_solve_task, path, layer, options,
                              key=f"probe-{layer}-{time.time_ns()}", retries=RETRIES,
                              pure=False, priority=int(costs[layer]))
         for layer in sorted(layers, key=lambda k: -costs[k])
@@ -104,7 +105,7 @@ def solve_on(client, store, layers: list[str], costs: Mapping[str, float], kwarg
         for _ in as_completed(list(futures.values())):
             bar.update(1)
     _raise_failed(futures, lambda layer: f"solving layer {layer!r}", "layers",
-                  f"The probes already saved in {store.path} are kept; fix the cause and run "
+                  f"The probes already saved in {path} are kept; fix the cause and run "
                   f"the same solve again to finish")
     return [fut.result() for fut in futures.values()]
 
