@@ -113,7 +113,8 @@ def _epoch(objective: ProbeObjective, states: dict[str, _Layer], live: list[str]
                 st = states[layer]
                 grad = objective.minibatch_gradient(xs[layer][m0 : m0 + bs], y_mb, st.theta,
                                                     l2)
-                grad.masked_fill_(st.frozen, 0.0)
+                if any(st.stopped):  # a stopped probe's weights stay as they are
+                    grad.masked_fill_(st.frozen, 0.0)
                 _adam(st.theta, grad, st.m, st.v, options.lr, sched.step)
 
 
