@@ -1,9 +1,10 @@
 """Fitting layers in this process: the chosen driver over a :class:`ProbeData`, the choice of
 lambda and the record of each layer, and saving each finished layer into its run.
 
-:func:`solve_stored` is what one process does on a store (``engine.solve`` without a client,
-and each Dask task of ``engine.schedule``, one layer per task); :func:`fit_layers` fits a
-batch of layers and hands each one's record over as it finishes.
+:func:`solve_data` fits the layers of a :class:`ProbeData` into a store's run (or without a
+store); ``engine.solve`` calls it when it has no client. :func:`solve_stored` is the same
+from a store's path: what each Dask task of ``engine.schedule`` runs, one layer per task.
+:func:`fit_layers` fits a batch of layers and hands each one's record over as it finishes.
 """
 
 from __future__ import annotations

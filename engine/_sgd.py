@@ -48,7 +48,8 @@ class _Layer:
                    [0] * k, [False] * k, [0] * k)
 
     def stop(self, j: int | None = None) -> None:
-        """Stop probe ``j`` (default: all): its weights no longer change."""
+        """Stop probe ``j`` (default: all): its best weights are final, and its gradient is
+        masked from now on."""
         for i in range(len(self.stopped)) if j is None else (j,):
             self.stopped[i] = True
         self.frozen.copy_(torch.tensor(self.stopped).view(1, -1, 1))
@@ -74,7 +75,7 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
     data = objective.features.data
     c, dt, dev = objective.num_classes, objective.dtype, objective.device
     k = len(grid)
-    l2 = torch.tensor(grid, dtype=dt, device=dev)
+    l2 = objective.strengths(grid, dt)
     states = {layer: _Layer.zeros(data.dims[layer], k, c, dt, dev) for layer in layers}
     n = data.rows("train")
     y_all = objective.features.labels("train")
@@ -113,7 +114,7 @@ def _epoch(objective: ProbeObjective, states: dict[str, _Layer], live: list[str]
                 st = states[layer]
                 grad = objective.minibatch_gradient(xs[layer][m0 : m0 + bs], y_mb, st.theta,
                                                     l2)
-                if any(st.stopped):  # a stopped probe's weights stay as they are
+                if any(st.stopped):  # stopped probes get no gradient
                     grad.masked_fill_(st.frozen, 0.0)
                 _adam(st.theta, grad, st.m, st.v, options.lr, sched.step)
 

@@ -119,6 +119,7 @@ class ProbeObjective:
         # (docs/solve.md, benchmarks/RESULTS.md); tensor cores want multiples of 8. The
         # padding columns have zero weights and get a zero gradient.
         self.pad = 16 if self.device.type == "cpu" else 8
+        self._strengths: dict[tuple, torch.Tensor] = {}
 
     # -- the pieces, each written once -----------------------------------------------------
     def pack(self, thetas: Sequence[torch.Tensor], d: int, dtype: torch.dtype, pad: int
@@ -174,6 +175,15 @@ class ProbeObjective:
         ``w`` (D, K, C) and strengths ``l2`` (K,), in place."""
         g.addcmul_(w, l2.view(1, -1, 1))
 
+    def strengths(self, l2: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """The lambdas ``l2`` as a (K,) tensor on the device (kept: the same few recur in
+        every pass, and each would be a host-to-device copy)."""
+        key = (tuple(l2), dtype)
+        out = self._strengths.get(key)
+        if out is None:
+            out = self._strengths[key] = torch.tensor(key[0], dtype=dtype, device=self.device)
+        return out
+
     # -- full-batch passes -----------------------------------------------------------------
     def evaluate(self, split: str, points: Sequence[Point], *, grad: bool) -> list[Value]:
         """:class:`Value` of each point on ``split``: one pass over each layer's rows,
@@ -225,7 +235,7 @@ class ProbeObjective:
             at = by_layer[layer]
             if grad:  # (D_j+1, K, C): the layer's own rows of X^T dZ, then the bias row
                 g = torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
-                l2 = torch.tensor([points[i].l2 for i in at], dtype=dtype, device=self.device)
+                l2 = self.strengths([points[i].l2 for i in at], dtype)
                 self.penalty_gradient(g[:dj], thetas[j][:dj], l2)
             for m, i in enumerate(at):
                 point = points[i]
