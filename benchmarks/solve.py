@@ -35,8 +35,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 import engine
-from engine._lbfgs import LBFGSState
-from engine.solve import _DTYPES, _Fitter, _from_mapping, _from_store, _Probe
+from engine._features import FeatureCache
+from engine._sources import ProbeData
+from engine.objective import Point, ProbeObjective
 
 L2 = 1e-4
 TOL = 1e-4
@@ -103,20 +104,19 @@ def torch_loop(store, layers) -> tuple[float, dict]:
 
 def pass_seconds(store, layers, rows: int | None = None, repeats: int = 3) -> float:
     """Median seconds of one loss + gradient pass over every probe of ``layers``."""
-    data = _from_store(store, layers, "y", False)
+    data = ProbeData.from_store(store, layers, "y", False)
     if rows is not None:
         data.labels = {"train": data.labels["train"][:rows]}
         reader = data.reader
         data.reader = lambda s, layer, a, b: reader(s, layer, a, min(b, rows))
-    fit = _Fitter(data, torch.device("cpu"), _DTYPES["float32"], (L2,), 1, TOL)
-    probes = [_Probe(layer, L2, LBFGSState(torch.randn(data.dims[layer] + 1, data.num_classes)
-                                           * 0.01)) for layer in layers]
-    req = [(p, p.state.x) for p in probes]
-    fit.evaluate("train", req, grad=True)  # loads the features, warms up
+    objective = ProbeObjective(FeatureCache(data, torch.device("cpu"), torch.float32))
+    points = [Point(layer, L2, torch.randn(data.dims[layer] + 1, data.num_classes) * 0.01)
+              for layer in layers]
+    objective.evaluate("train", points, grad=True)  # loads the features, warms up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fit.evaluate("train", req, grad=True)
+        objective.evaluate("train", points, grad=True)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -146,23 +146,23 @@ def resnet50_pass(device: torch.device, rows: int, classes: int = 1000, repeats:
     for k, d in enumerate(RESNET50_WIDTHS):  # class means plus noise, stored as float16
         means = torch.randn(classes, d, generator=gen)
         feats[f"site{k:02d}"] = (means[y] + torch.randn(rows, d, generator=gen)).half()
-    data = _from_mapping(feats, y.numpy(), None)
+    data = ProbeData.from_arrays(feats, y.numpy(), None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def one_pass(kernel: str) -> float:
-        fit = _Fitter(data, device, torch.float32, (L2,), 1, TOL, kernel=kernel)
-        fit.load("train", data.layers)
+        features = FeatureCache(data, device, torch.float32)
+        features.load("train", data.layers)
+        objective = ProbeObjective(features, kernel=kernel)
         gen = torch.Generator(device="cpu").manual_seed(1)
-        probes = [_Probe(layer, L2, LBFGSState(
-            (0.01 * torch.randn(data.dims[layer] + 1, classes, generator=gen)).to(device)))
-            for layer in data.layers]  # random weights: never time on zeros
-        req = [(p, p.state.x) for p in probes]
-        fit.evaluate("train", req, grad=True)  # warm-up: compilation, handles
+        points = [Point(layer, L2, (0.01 * torch.randn(data.dims[layer] + 1, classes,
+                                                       generator=gen)).to(device))
+                  for layer in data.layers]  # random weights: never time on zeros
+        objective.evaluate("train", points, grad=True)  # warm-up: compilation, handles
         sync()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fit.evaluate("train", req, grad=True)
+            objective.evaluate("train", points, grad=True)
             sync()
             times.append(time.perf_counter() - t0)
         return float(np.median(times))

@@ -1,13 +1,157 @@
-"""Interim: fitting layers of a stored run (the solve-side refactor replaces this module)."""
+"""Fitting layers in this process: the chosen driver over a :class:`ProbeData`, the choice of
+lambda and the record of each layer, and saving each finished layer into its run.
+
+:func:`solve_data` fits the layers of a :class:`ProbeData` into a store's run (or without a
+store); ``engine.solve`` calls it when it has no client. :func:`solve_stored` is the same
+from a store's path: what each Dask task of ``engine.schedule`` runs, one layer per task.
+:func:`fit_layers` fits a batch of layers and hands each one's record over as it finishes.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import _lbfgs, _sgd
+from . import format as fmt
+from ._devices import resolve_device
+from ._features import FeatureCache
+from ._sources import ProbeData
+from .errors import SplitNotFoundError
+from .kernels import uses_cuda_kernel
+from .objective import Kernel, Point, ProbeObjective, Solution
 from .options import SolveOptions
+from .store import Store, open_store
+
+__all__ = ["ARITHMETIC", "check_splits", "fit_layers", "select", "solve_data", "solve_stored"]
+
+#: solve dtype -> the arithmetic dtype of weights, sums and full-batch passes ("tf32":
+#: float32 with TF32 GEMMs on CUDA; "bfloat16": float32 with bfloat16 minibatch products)
+ARITHMETIC = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.float32,
+              "float64": torch.float64}
+
+
+def check_splits(data: ProbeData, options: SolveOptions) -> None:
+    """Refuse what needs a 'valid' split when there is none: a choice among several
+    lambdas, and SGD's early stopping."""
+    if len(options.grid) > 1 and "valid" not in data.splits:
+        raise SplitNotFoundError(
+            f"choosing among {len(options.grid)} l2 values needs a 'valid' split, and there "
+            f"is none (splits: {list(data.splits)}); pass one l2 value, e.g. l2=1e-4")
+    if options.solver == "sgd" and options.sgd.early_stopping and "valid" not in data.splits:
+        raise SplitNotFoundError(
+            f"early stopping needs a 'valid' split, and there is none (splits: "
+            f"{list(data.splits)}); pass early_stopping=False to run all "
+            f"{options.sgd.epochs} epochs")
 
 
 def solve_stored(path: str, layers: list[str], options: SolveOptions, *,
                  progress: bool = False) -> dict[str, dict]:
-    from .solve import solve
+    """Solve ``layers`` of the store at ``path`` into the run ``options.run`` in this
+    process: open it, check or create the run, skip the layers already saved in it, fit the
+    others, saving each as it finishes; returns the records of ``layers`` (saved ones
+    included)."""
+    store = open_store(path)
+    data = ProbeData.from_store(store, layers, options.label, options.allow_partial)
+    check_splits(data, options)
+    return solve_data(data, options, store=store, progress=progress)
 
-    res = solve(path, layers=layers, progress=progress, **options.to_kwargs())
-    return {layer: {} for layer in res.weights}
+
+def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
+               progress: bool = False, started: float | None = None) -> dict[str, dict]:
+    """Fit every layer of ``data``; with a ``store``, into its run ``options.run``: layers
+    saved there are skipped and each layer is saved as it finishes. Returns the records of
+    ``data.layers``; ``started`` (perf_counter) is when the solve began."""
+    started = time.perf_counter() if started is None else started
+    done: dict[str, dict] = {}
+    if store is not None:
+        fmt.start_run(store.path, store.meta, options.run, options.config(data.num_classes))
+        done = fmt.saved_probes(fmt.open_root(store.path), options.run)
+    finished = dict(done)
+
+    def on_layer(layer: str, record: dict) -> None:
+        finished[layer] = record
+        if store is not None:
+            fmt.save_probe(store.path, options.run, layer, record)
+
+    todo = [layer for layer in data.layers if layer not in done]
+    if todo:
+        fit_layers(data, todo, options, on_layer, progress=progress, started=started)
+    return {layer: finished[layer] for layer in data.layers}
+
+
+def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
+               on_layer: Callable[[str, dict], None], *, progress: bool = False,
+               started: float | None = None, kernel: str | Kernel = "auto",
+               group: bool | None = None, precondition: bool = True) -> None:
+    """Fit ``layers`` of ``data`` with ``options.solver``, all at once, and call
+    ``on_layer(layer, record)`` (:func:`select`, plus ``seconds`` since ``started`` and the
+    ``backend``) as each layer finishes. Every split's features are read and checked first
+    (SGD streams train). ``kernel``, ``group`` (width stacking; default on CUDA) and
+    ``precondition`` (L-BFGS) are for tests and benchmarks."""
+    started = time.perf_counter() if started is None else started
+    dev = resolve_device(options.device)
+    arith = ARITHMETIC[options.dtype]
+    tf32 = options.dtype == "tf32" and dev.type == "cuda"
+    low = torch.bfloat16 if options.dtype == "bfloat16" else None
+    backend = {"device": str(dev),
+               "kernel": "cuda" if uses_cuda_kernel(dev, low or arith) else "torch",
+               "matmul": "tf32" if tf32 else str(low or arith).removeprefix("torch.")}
+    features = FeatureCache(data, dev, arith, group)
+    objective = ProbeObjective(features, kernel=kernel, low=low)
+    for split in data.splits:  # load and check now, not after hours of fitting
+        if split != "train" or options.solver == "lbfgs":  # sgd streams train
+            features.load(split, layers)
+
+    def finished(layer: str, solutions: list[Solution]) -> None:
+        record = select(objective, solutions)
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        record["backend"] = backend
+        on_layer(layer, record)
+
+    precision = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        if options.solver == "lbfgs":
+            _lbfgs.fit(objective, layers, options.grid, options.lbfgs, finished,
+                       precondition=precondition, progress=progress)
+        else:
+            _sgd.fit(objective, layers, options.grid, options.sgd, finished,
+                     progress=progress)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def select(objective: ProbeObjective, solutions: list[Solution]) -> dict:
+    """The record of a finished layer: the metrics of every lambda's probe on every split,
+    the chosen one (lowest validation top-1 error, then loss, then the larger lambda; train
+    without a 'valid' split) first-class, and every lambda's summary in ``grid``."""
+    splits = objective.features.data.splits
+    metrics: dict[float, dict[str, dict]] = {}
+    objectives: dict[float, float] = {}
+    for split in splits:
+        values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta) for s in solutions],
+                                    grad=False)
+        for s, v in zip(solutions, values, strict=True):
+            metrics.setdefault(s.l2, {})[split] = {
+                "loss": v.loss, "top1_error": v.top1_error,
+                "top5_error": v.top5_error if objective.num_classes > 5 else math.nan}
+            if split == "train":
+                objectives[s.l2] = v.objective  # L_k: the penalised training loss
+    pick = "valid" if "valid" in splits else "train"
+    best = min(solutions, key=lambda s: (metrics[s.l2][pick]["top1_error"],
+                                         metrics[s.l2][pick]["loss"], -s.l2))
+    return {
+        "l2": best.l2, "W": best.theta[:-1].float().cpu().numpy(),
+        "b": best.theta[-1].float().cpu().numpy(), "objective": objectives[best.l2],
+        "iterations": best.iterations, "evaluations": best.evaluations,
+        "converged": best.converged, "reason": best.reason, "metrics": metrics[best.l2],
+        "grid": [{"l2": s.l2, "objective": objectives[s.l2], "iterations": s.iterations,
+                  "converged": s.converged, **{
+                      f"{split}_{m}": v for split, ms in metrics[s.l2].items()
+                      for m, v in ms.items()}} for s in solutions],
+    }

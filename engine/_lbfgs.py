@@ -1,9 +1,11 @@
-"""L-BFGS with a strong-Wolfe line search, one state machine per probe.
+"""L-BFGS with a strong-Wolfe line search, one state machine per probe, and the batched
+driver that runs them.
 
-Every probe keeps its own parameters, history, step and convergence test; the caller
-evaluates the objective of every probe that asks for a point in one pass over the data.
-That is the whole trick of the batched solver: the arithmetic per probe is cheap (vectors of
-(D+1)*C numbers), the data pass is what costs, and it is shared.
+Every probe keeps its own parameters, history, step and convergence test
+(:class:`LBFGSState`); the driver (:func:`fit`) evaluates the objective of every probe that
+asks for a point in one pass over the data. That is the whole trick of the batched solver:
+the arithmetic per probe is cheap (vectors of (D+1)*C numbers), the data pass is what costs,
+and it is shared.
 
 The line search follows Nocedal & Wright, *Numerical Optimization* (2nd ed.), algorithms 3.5
 (bracketing) and 3.6 (zoom), with safeguarded cubic interpolation.
@@ -13,10 +15,17 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
+from ._precond import LowRankPreconditioner, top_eigenpairs
+from .objective import Point, ProbeObjective, Solution
+from .options import LBFGSOptions
+
+__all__ = ["LBFGSState", "WolfeSearch", "fit"]
 
 C1, C2 = 1e-4, 0.9  # sufficient decrease, curvature (strong Wolfe)
 MAX_EVALS = 25  # per line search
@@ -214,3 +223,77 @@ class LBFGSState:
             self.stalled = True
             return
         self.done, self.converged, self.reason = True, converged, reason
+
+
+# -- the batched driver ------------------------------------------------------------------
+@dataclass
+class _Probe:
+    """One probe of the batch: its layer, its lambda and its optimiser state."""
+
+    layer: str
+    l2: float
+    state: LBFGSState
+
+    def point(self, theta: torch.Tensor) -> Point:
+        return Point(self.layer, self.l2, theta)
+
+    def solution(self) -> Solution:
+        st = self.state
+        return Solution(self.layer, self.l2, st.x, st.iterations, st.evaluations, st.converged,
+                        st.reason)
+
+
+def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
+        options: LBFGSOptions, on_layer: Callable[[str, list[Solution]], None], *,
+        precondition: bool = True, progress: bool = False) -> None:
+    """Solve one probe per (layer, lambda of ``grid``) from zero to ``max|grad| <= tol``
+    (or ``max_iter``), all at once; ``on_layer(layer, solutions)`` as soon as every probe of
+    a layer is done. Each round, every probe that needs a point is evaluated in one
+    :meth:`ProbeObjective.evaluate` on "train". With ``precondition``, each probe's initial
+    inverse Hessian is the low-rank curvature map of its layer (:mod:`engine._precond`)."""
+    features, c = objective.features, objective.num_classes
+    probes = []
+    for layer in layers:
+        eig = (top_eigenpairs(features.features("train", layer), dtype=objective.dtype)
+               if precondition else None)
+        for l2 in grid:
+            pre = LowRankPreconditioner(*eig, l2, c) if eig else None
+            x0 = torch.zeros(features.data.dims[layer] + 1, c, dtype=objective.dtype,
+                             device=objective.device)
+            probes.append(_Probe(layer, l2, LBFGSState(x0, precond=pre)))
+
+    for p, v in zip(probes, objective.evaluate(
+            "train", [p.point(p.state.x) for p in probes], grad=True), strict=True):
+        p.state.f, p.state.g = v.objective, v.gradient
+    pending = set(layers)
+    bar = tqdm(total=len(probes), unit="probe", disable=not progress, desc="solve")
+    iterations = 0
+    while True:
+        active = [p for p in probes if not p.state.done]
+        for layer in sorted(pending - {p.layer for p in active}):
+            pending.discard(layer)
+            on_layer(layer, [p.solution() for p in probes if p.layer == layer])
+        if not active:
+            break
+        for p in active:
+            p.state.start_iteration()
+        searching = active
+        while searching:
+            values = objective.evaluate("train", [p.point(p.state.trial()) for p in searching],
+                                        grad=True)
+            still = []
+            for p, v in zip(searching, values, strict=True):
+                st = p.state
+                st.evaluations += 1
+                status = st.search.observe(v.objective, _dot(v.gradient, st.d), v.gradient)
+                if status == "accept":
+                    st.finish_iteration(st.search.accepted, options.tol, options.max_iter)
+                elif status == "fail":
+                    st.fail(options.tol)
+                else:
+                    still.append(p)
+            searching = still
+        iterations += 1
+        bar.n = sum(p.state.done for p in probes)
+        bar.set_postfix_str(f"iteration {iterations}", refresh=True)
+    bar.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-RANK = 100  # eigenpairs kept: 20 already cut iterations 5x on the MNIST convnet's sites
+RANK = 100  # eigenpairs kept; what rank buys: docs/solve.md, Preconditioning
 OVERSAMPLE = 28  # sketch width RANK + 28 = 128, a multiple of 16 for MKL's GEMMs
 POWER_ITERATIONS = 2
 _BLOCK_ROWS = 8192

@@ -84,8 +84,9 @@ def _solve_task(path: str, layer: str, options: SolveOptions) -> dict:
 
 def solve_on(client, path: str, layers: list[str], costs: Mapping[str, float],
              options: SolveOptions, *, progress: bool = False) -> list[dict]:
-    """Solve ``layers`` of the store at ``path`` on the workers of ``client``, one task per
-    layer, the costliest first; returns the tasks' reports.
+    """Solve ``layers`` of the store at ``path`` on the workers of ``client`` with
+    ``options``, one task per layer, the costliest first, each running
+    :func:`engine._fit.solve_stored`; returns the tasks' reports.
 
     Pinning layers to workers by their estimated costs (static LPT) was tried and lost to
     this dynamic order: iteration counts vary several-fold between layers of one cost

@@ -59,16 +59,15 @@ def convnet():
 
 @pytest.fixture
 def refits(monkeypatch) -> list[list[str]]:
-    """The layers of every solver batch (``_Fitter.run``) from now on, one list per batch:
-    what a resumed solve fits again."""
-    import importlib
+    """The layers of every solver batch (``engine._fit.fit_layers``) from now on, one list per
+    batch: what a resumed solve fits again."""
+    from engine import _fit
 
-    fitter = importlib.import_module("engine.solve")._Fitter
-    real_run, calls = fitter.run, []
+    real_fit, calls = _fit.fit_layers, []
 
-    def counting(self, layers, *args, **kwargs):
+    def counting(data, layers, *args, **kwargs):
         calls.append(list(layers))
-        return real_run(self, layers, *args, **kwargs)
+        return real_fit(data, layers, *args, **kwargs)
 
-    monkeypatch.setattr(fitter, "run", counting)
+    monkeypatch.setattr(_fit, "fit_layers", counting)
     return calls

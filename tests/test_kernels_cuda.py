@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib
 import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from engine import kernels
+from engine import _fit, kernels
+from engine._features import FeatureCache
+from engine._sources import ProbeData
 from engine.errors import InvalidArgumentError
 from engine.kernels import cuda, nvrtc, reference
-
-solve_mod = importlib.import_module("engine.solve")  # the module; engine.solve is the function
+from engine.objective import Point, ProbeObjective
+from engine.options import SolveOptions
 
 SOURCES = nvrtc.sources()
 
@@ -295,22 +295,78 @@ def test_the_solvers_own_calls_run_through_the_kernel(host_kernel):
     y = rng.permutation(np.arange(120) % 3)
     xs = {name: rng.normal(size=(120, d)).astype(np.float32)
           for name, d in (("a", 6), ("b", 7), ("c", 3))}
-    data = solve_mod._from_mapping(xs, y, None)
-    fits = {}
+    data = ProbeData.from_arrays(xs, y, None)
+    objectives = {}
     for name, kernel in (("emulated", host_kernel), ("reference", "torch")):
-        fits[name] = solve_mod._Fitter(data, torch.device("cpu"), torch.float32, (1e-3, 1e-1),
-                                       10, 1e-6, group=True, kernel=kernel)
-        fits[name].load("train", data.layers)
-    assert fits["emulated"]._runs("train", {"a": [0, 1], "b": [2, 3], "c": [4, 5]}) == [
-        ["c"], ["a", "b"]]
+        cache = FeatureCache(data, torch.device("cpu"), torch.float32, group=True)
+        cache.load("train", data.layers)
+        objectives[name] = ProbeObjective(cache, kernel=kernel)
+    assert objectives["emulated"].features.runs(
+        "train", {"a": [0, 1], "b": [2, 3], "c": [4, 5]}) == [["c"], ["a", "b"]]
     gen = torch.Generator().manual_seed(2)
-    requests = [(SimpleNamespace(layer=layer, l2=lam),
-                 torch.randn(xs[layer].shape[1] + 1, 3, generator=gen))
-                for layer in xs for lam in (1e-3, 1e-1)]
+    points = [Point(layer, lam, torch.randn(xs[layer].shape[1] + 1, 3, generator=gen))
+              for layer in xs for lam in (1e-3, 1e-1)]
     for grad in (True, False):
-        got = fits["emulated"].evaluate("train", requests, grad=grad)
-        want = fits["reference"].evaluate("train", requests, grad=grad)
-        for (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(got, want, strict=True):
-            assert f1 == pytest.approx(f2, rel=1e-6) and (e1, t1) == (e2, t2)
+        got = objectives["emulated"].evaluate("train", points, grad=grad)
+        want = objectives["reference"].evaluate("train", points, grad=grad)
+        for v1, v2 in zip(got, want, strict=True):
+            assert v1.loss == pytest.approx(v2.loss, rel=1e-6)
+            assert v1.objective == pytest.approx(v2.objective, rel=1e-6)
+            assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error)
             if grad:
-                torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(v1.gradient, v2.gradient, rtol=1e-5, atol=1e-7)
+    # SGD's minibatch gradient of a layer's probes, with float32 and with bfloat16 products
+    theta = torch.randn(7 + 1, 2, 3, generator=gen)
+    l2 = torch.tensor([1e-3, 1e-1])
+    xb = torch.from_numpy(xs["b"][:50])
+    for low in (None, torch.bfloat16):
+        got, want = (ProbeObjective(objectives[name].features, kernel=objectives[name].kernel,
+                                    low=low).minibatch_gradient(xb, data.labels["train"][:50],
+                                                                theta, l2)
+                     for name in ("emulated", "reference"))
+        assert got.dtype == torch.float32
+        tol = dict(rtol=1e-5, atol=1e-7) if low is None else dict(rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("solver, dtype", [("sgd", "float32"), ("sgd", "bfloat16"),
+                                           ("lbfgs", "float32")])
+def test_whole_solves_run_through_the_kernel(host_kernel, solver, dtype):
+    """Every call of a solve as it comes on a GPU: SGD's minibatch steps (in bfloat16: the
+    kernel's bfloat16 variant on the bfloat16 logits), L-BFGS's passes, the metrics passes;
+    through the kernel's checks and its code (emulated): the same probes as with the
+    reference."""
+    rng = np.random.default_rng(13)
+    # unbalanced classes: no gradient entry is zero but for rounding, which Adam would turn
+    # into steps of about lr, of either sign
+    y = rng.choice(5, size=320, p=[0.4, 0.25, 0.15, 0.12, 0.08])
+    x = (rng.normal(size=(5, 6))[y] + 2 * rng.normal(size=(320, 6))).astype(np.float32)
+    data = ProbeData.from_arrays({"train": {"a": x[:240]}, "valid": {"a": x[240:]}},
+                                 {"train": y[:240], "valid": y[240:]}, None)
+    options = SolveOptions.from_kwargs(solver=solver, l2=[1e-4, 1e-2] if solver == "lbfgs"
+                                       else 1e-3, epochs=2, early_stopping=False,
+                                       batch_size=80, max_iter=3, dtype=dtype, device="cpu")
+    seen = []
+
+    def emulated(logits, labels, **kw):
+        seen.append((logits.dtype, logits.shape[1]))
+        return host_kernel(logits, labels, **kw)
+
+    records = {}
+    for name, kernel in (("emulated", emulated), ("reference", "torch")):
+        _fit.fit_layers(data, ["a"], options, lambda layer, rec, name=name:
+                        records.update({name: rec}), kernel=kernel)
+    # SGD: minibatches of 80 rows in the product dtype; L-BFGS: passes over the 240 train
+    # rows; both: metrics passes over the 80 valid rows in float32
+    rows = 80 if solver == "sgd" else 240
+    assert {(getattr(torch, dtype), rows), (torch.float32, 80)} <= set(seen)
+    got, want = records["emulated"], records["reference"]
+    rtol, atol = 1e-5, 1e-6 if solver == "lbfgs" else 1e-7
+    assert (got["l2"], got["iterations"], got["converged"]) == (
+        want["l2"], want["iterations"], want["converged"])
+    assert got["objective"] == pytest.approx(want["objective"], rel=rtol)
+    np.testing.assert_allclose(got["W"], want["W"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got["b"], want["b"], rtol=rtol, atol=atol)
+    for split in ("train", "valid"):
+        assert got["metrics"][split]["loss"] == pytest.approx(
+            want["metrics"][split]["loss"], rel=rtol)

@@ -3,15 +3,15 @@ initial inverse Hessian built from them, and what it buys on ill-conditioned pro
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
+import engine
+from engine import _fit
 from engine._precond import RANK, LowRankPreconditioner, top_eigenpairs
-
-solve_mod = importlib.import_module("engine.solve")
+from engine._sources import ProbeData
+from engine.options import SolveOptions
 
 
 def second_moment(x: torch.Tensor) -> torch.Tensor:
@@ -91,11 +91,11 @@ def test_no_penalty_on_low_rank_features_stays_bounded():
 
 def fit(x: np.ndarray, y: np.ndarray, *, lam: float, tol: float, precondition: bool,
         max_iter: int = 1000) -> dict:
-    data = solve_mod._from_mapping({"a": x}, y, None)
-    fitter = solve_mod._Fitter(data, torch.device("cpu"), torch.float64, (lam,), max_iter, tol,
-                               precondition=precondition)
+    options = SolveOptions.from_kwargs(l2=lam, tol=tol, max_iter=max_iter, dtype="float64",
+                                       device="cpu")
     out = {}
-    fitter.run(["a"], lambda layer, rec: out.update(rec), progress=False)
+    _fit.fit_layers(ProbeData.from_arrays({"a": x}, y, None), ["a"], options,
+                    lambda layer, rec: out.update(rec), precondition=precondition)
     return out
 
 
@@ -114,6 +114,6 @@ def test_preconditioning_reaches_a_lower_objective_in_a_tenth_of_the_iterations(
 
 def test_the_rank_is_recorded_in_the_run_config():
     rng = np.random.default_rng(0)
-    res = solve_mod.solve({"a": rng.normal(size=(60, 4)).astype(np.float32)},
-                          labels=np.arange(60) % 3, l2=1e-2, progress=False, device="cpu")
+    res = engine.solve({"a": rng.normal(size=(60, 4)).astype(np.float32)},
+                       labels=np.arange(60) % 3, l2=1e-2, progress=False, device="cpu")
     assert res.config["preconditioner"] == f"low-rank curvature, rank {RANK}"

@@ -72,11 +72,12 @@ def single(store, run):
 
 def test_one_worker_takes_the_costliest_layers_first(store):
     from engine import schedule
+    from engine.options import SolveOptions
 
     with engine.cluster(1) as one:
         costs = {"1": 10.0, "2": 40.0, "3": 30.0, "4": 20.0}
         kwargs = {k: v for k, v in SOLVE.items() if k != "progress"}
-        options = engine.options.SolveOptions.from_kwargs(**kwargs, run="order")
+        options = SolveOptions.from_kwargs(**kwargs, run="order")
         reports = schedule.solve_on(one, store.path, LAYERS, costs, options)
     assert [r["layer"] for r in sorted(reports, key=lambda r: r["start"])] == ["2", "3", "4", "1"]
 

@@ -14,11 +14,9 @@ minimum is scikit-learn's binomial minimum at C = 1/((lambda/2) N).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import shutil
-import types
 
 import numpy as np
 import pandas as pd
@@ -31,8 +29,11 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import engine
-
-solve_mod = importlib.import_module("engine.solve")  # the module, not the function
+from engine import _features, _fit
+from engine._features import FeatureCache, width_groups
+from engine._sources import ProbeData
+from engine.objective import Point, ProbeObjective
+from engine.options import DEFAULT_L2_GRID, SolveOptions
 
 COLUMNS = ["layer", "split", "site", "dim", "reduction", "l2", "iterations", "converged",
            "loss", "top1_error", "top5_error", "seconds"]
@@ -247,72 +248,76 @@ def _same_width_problem(seed=7):
     return xs, y
 
 
-def _fitter(xs, y, group, grid=(1e-3,)):
-    data = solve_mod._from_mapping(xs, y, None)
-    fit = solve_mod._Fitter(data, torch.device("cpu"), torch.float32, grid, 500, 1e-6,
-                            group=group)
-    fit.load("train", data.layers)
-    return fit
+def _cache(xs, y, group):
+    """The features of ``xs`` on the CPU in float32, stacked by width with ``group``."""
+    data = ProbeData.from_arrays(xs, y, None)
+    cache = FeatureCache(data, torch.device("cpu"), torch.float32, group=group)
+    cache.load("train", data.layers)
+    return cache
+
+
+def _lbfgs_records(xs, y, group, grid) -> dict[str, dict]:
+    """Every layer's record of an L-BFGS fit of ``xs`` (tol 1e-6), grouped or not."""
+    records = {}
+    _fit.fit_layers(ProbeData.from_arrays(xs, y, None), list(xs),
+                    SolveOptions.from_kwargs(l2=list(grid), tol=1e-6, device="cpu"),
+                    lambda layer, rec: records.update({layer: rec}), group=group)
+    return records
 
 
 def test_layers_of_one_width_share_a_stack_and_batched_products():
     xs, y = _same_width_problem()
-    fit = _fitter(xs, y, group=True, grid=(1e-3, 1e-1))
-    stack, i = fit._stacks[("train", "q")]
-    assert stack.shape == (3, 500, 12) and i == 1 and ("train", "r") not in fit._stacks
-    np.testing.assert_array_equal(fit.features("train", "s").numpy(), xs["s"])
-    alone = _fitter(xs, y, group=False, grid=(1e-3, 1e-1))
+    cache = _cache(xs, y, group=True)
+    stack, i = cache.stack_of("train", "q")
+    assert stack.shape == (3, 500, 12) and i == 1 and cache.stack_of("train", "r") is None
+    np.testing.assert_array_equal(cache.features("train", "s").numpy(), xs["s"])
+    alone = _cache(xs, y, group=False)
     gen = torch.Generator().manual_seed(0)
-    requests = []
+    points = []
     for layer in ("p", "q", "r", "s"):
         for lam in (1e-3, 1e-1):
-            theta = torch.randn(xs[layer].shape[1] + 1, 4, generator=gen)
-            requests.append((types.SimpleNamespace(layer=layer, l2=lam), theta))
+            points.append(Point(layer, lam, torch.randn(xs[layer].shape[1] + 1, 4,
+                                                        generator=gen)))
     # p, q, s ask for two probes each: one run of three stacked layers, and r alone
     by_layer = {layer: [0, 1] for layer in ("p", "q", "r", "s")}
-    assert fit._runs("train", by_layer) == [["r"], ["p", "q", "s"]]
-    assert fit._runs("train", {"p": [0], "q": [1, 2], "s": [3]}) == [["p"], ["q"], ["s"]]
-    assert fit._runs("train", {"p": [0], "s": [1]}) == [["p"], ["s"]]  # not consecutive
-    got = fit.evaluate("train", requests, grad=True)
-    want = alone.evaluate("train", requests, grad=True)
-    for (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(got, want, strict=True):
-        assert f1 == pytest.approx(f2, rel=1e-6)
-        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
-        assert (e1, t1) == (e2, t2)
+    assert cache.runs("train", by_layer) == [["r"], ["p", "q", "s"]]
+    assert cache.runs("train", {"p": [0], "q": [1, 2], "s": [3]}) == [["p"], ["q"], ["s"]]
+    assert cache.runs("train", {"p": [0], "s": [1]}) == [["p"], ["s"]]  # not consecutive
+    got = ProbeObjective(cache).evaluate("train", points, grad=True)
+    want = ProbeObjective(alone).evaluate("train", points, grad=True)
+    for v1, v2 in zip(got, want, strict=True):
+        assert v1.objective == pytest.approx(v2.objective, rel=1e-6)
+        torch.testing.assert_close(v1.gradient, v2.gradient, rtol=1e-5, atol=1e-7)
+        assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error)
 
 
 def test_layers_of_similar_width_share_a_zero_padded_stack():
-    assert solve_mod._width_groups({"a": 10, "b": 12, "c": 13, "d": 5, "e": 6, "f": 100}) == [
+    assert width_groups({"a": 10, "b": 12, "c": 13, "d": 5, "e": 6, "f": 100}) == [
         ["d", "e"], ["a", "b"], ["c"], ["f"]]
     rng = np.random.default_rng(11)
     y = rng.permutation(np.arange(400) % 5)
     xs = {name: (rng.normal(size=(5, d))[y] + rng.normal(size=(400, d))).astype(np.float32)
           for name, d in (("p", 12), ("q", 10), ("r", 5), ("s", 11), ("t", 30))}
-    fit = _fitter(xs, y, group=True, grid=(1e-3, 1e-1))
-    stack, i = fit._stacks[("train", "s")]
+    cache = _cache(xs, y, group=True)
+    stack, i = cache.stack_of("train", "s")
     assert stack.shape == (3, 400, 12) and i == 1  # q (10), s (11), p (12)
     assert (stack[0, :, 10:] == 0).all() and (stack[1, :, 11:] == 0).all()
-    assert ("train", "r") not in fit._stacks and ("train", "t") not in fit._stacks
-    np.testing.assert_array_equal(fit.features("train", "q").numpy(), xs["q"])
+    assert cache.stack_of("train", "r") is None and cache.stack_of("train", "t") is None
+    np.testing.assert_array_equal(cache.features("train", "q").numpy(), xs["q"])
     by_layer = {layer: [0, 1] for layer in xs}
-    assert fit._runs("train", by_layer) == [["r"], ["t"], ["q", "s", "p"]]
+    assert cache.runs("train", by_layer) == [["r"], ["t"], ["q", "s", "p"]]
     gen = torch.Generator().manual_seed(1)
-    requests = [(types.SimpleNamespace(layer=layer, l2=lam),
-                 torch.randn(xs[layer].shape[1] + 1, 5, generator=gen))
-                for layer in xs for lam in (1e-3, 1e-1)]
-    alone = _fitter(xs, y, group=False, grid=(1e-3, 1e-1))
-    got = fit.evaluate("train", requests, grad=True)
-    want = alone.evaluate("train", requests, grad=True)
-    for (request, _), (f1, g1, e1, t1), (f2, g2, e2, t2) in zip(requests, got, want,
-                                                                 strict=True):
-        assert g1.shape == (xs[request.layer].shape[1] + 1, 5)
-        assert f1 == pytest.approx(f2, rel=1e-6)
-        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
-        assert (e1, t1) == (e2, t2)
-    records = {}
-    fit.run(list(xs), lambda layer, rec: records.update({layer: rec}), progress=False)
-    plain = {}
-    alone.run(list(xs), lambda layer, rec: plain.update({layer: rec}), progress=False)
+    points = [Point(layer, lam, torch.randn(xs[layer].shape[1] + 1, 5, generator=gen))
+              for layer in xs for lam in (1e-3, 1e-1)]
+    got = ProbeObjective(cache).evaluate("train", points, grad=True)
+    want = ProbeObjective(_cache(xs, y, group=False)).evaluate("train", points, grad=True)
+    for point, v1, v2 in zip(points, got, want, strict=True):
+        assert v1.gradient.shape == (xs[point.layer].shape[1] + 1, 5)
+        assert v1.objective == pytest.approx(v2.objective, rel=1e-6)
+        torch.testing.assert_close(v1.gradient, v2.gradient, rtol=1e-5, atol=1e-7)
+        assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error)
+    records = _lbfgs_records(xs, y, True, (1e-3, 1e-1))
+    plain = _lbfgs_records(xs, y, False, (1e-3, 1e-1))
     for layer in xs:
         assert records[layer]["W"].shape == (xs[layer].shape[1], 5)
         assert records[layer]["objective"] == pytest.approx(plain[layer]["objective"],
@@ -320,27 +325,22 @@ def test_layers_of_similar_width_share_a_zero_padded_stack():
 
 
 def test_a_stack_kept_as_stored_never_narrows_a_wider_layer(monkeypatch):
-    monkeypatch.setattr(solve_mod, "_free_bytes", lambda device: 0)  # nothing fits upcast
+    monkeypatch.setattr(_features, "free_bytes", lambda device: 0)  # nothing fits upcast
     rng = np.random.default_rng(3)
     y = rng.permutation(np.arange(200) % 4)
     xs = {"a": rng.normal(size=(200, 12)).astype(np.float16),
           "b": rng.normal(size=(200, 12)).astype(np.float32),
           "c": rng.normal(size=(200, 12)).astype(np.float16)}
-    fit = _fitter(xs, y, group=True)
-    assert fit.features("train", "b").dtype == torch.float32  # its own tensor, not narrowed
-    np.testing.assert_array_equal(fit.features("train", "b").numpy(), xs["b"])
-    stack, i = fit._stacks[("train", "c")]
-    assert stack.dtype == torch.float16 and i == 1 and ("train", "b") not in fit._stacks
+    cache = _cache(xs, y, group=True)
+    assert cache.features("train", "b").dtype == torch.float32  # its own tensor, not narrowed
+    np.testing.assert_array_equal(cache.features("train", "b").numpy(), xs["b"])
+    stack, i = cache.stack_of("train", "c")
+    assert stack.dtype == torch.float16 and i == 1 and cache.stack_of("train", "b") is None
 
 
 def test_grouped_and_ungrouped_solves_reach_the_same_optimum():
     xs, y = _same_width_problem(seed=8)
-    out = {}
-    for group in (False, True):
-        fit = _fitter(xs, y, group=group, grid=(1e-3, 1e-2))
-        records = {}
-        fit.run(list(xs), lambda layer, rec, r=records: r.update({layer: rec}), progress=False)
-        out[group] = records
+    out = {group: _lbfgs_records(xs, y, group, (1e-3, 1e-2)) for group in (False, True)}
     for layer in xs:
         a, b = out[False][layer], out[True][layer]
         assert a["l2"] == b["l2"]
@@ -386,23 +386,16 @@ def test_gpu_solve_matches_the_cpu_solve(dtype, rel):
 
 # -- 3. the gradient ---------------------------------------------------------------------
 @pytest.fixture
-def fitter(monkeypatch):
-    """Runs a float64 solve on two layers and returns its ``_Fitter`` (captured from
-    ``_Fitter.run``), with features, labels and a block size of 256 rows."""
+def probe_objective():
+    """The float64 objective of two layers (float64 and float32 features) with 256-row
+    blocks (3 of them), with its features and labels."""
     rng = np.random.default_rng(1)
     y = rng.integers(0, 7, size=700)
     feats = {"a": rng.normal(size=(700, 6)), "b": rng.normal(size=(700, 11)).astype(np.float32)}
-    monkeypatch.setattr(solve_mod, "_BLOCK_BYTES", 1)  # 256-row blocks: 3 of them
-    captured = {}
-    real_run = solve_mod._Fitter.run
-
-    def run(self, layers, *args, **kw):
-        captured["fit"] = self
-        return real_run(self, layers, *args, **kw)
-
-    monkeypatch.setattr(solve_mod._Fitter, "run", run)
-    solve(feats, labels=y, l2=0.1, dtype="float64", max_iter=2)
-    return captured["fit"], feats, y
+    cache = FeatureCache(ProbeData.from_arrays(feats, y, None), torch.device("cpu"),
+                         torch.float64)
+    cache.load("train", list(feats))
+    return ProbeObjective(cache, block_bytes=1), feats, y  # 1 byte: the 256-row minimum
 
 
 def _autograd_objective(x, y, theta, lam):
@@ -411,34 +404,38 @@ def _autograd_objective(x, y, theta, lam):
     return F.cross_entropy(z, y) + lam / 2 * (theta[:d] ** 2).sum(), z
 
 
-def test_solver_gradient_equals_autograd(fitter):
-    fit, feats, y = fitter
+def test_solver_gradient_equals_autograd(probe_objective):
+    obj, feats, y = probe_objective
     gen = torch.Generator().manual_seed(0)
-    requests = []
+    points = []
     for layer, lam in (("a", 0.1), ("b", 0.0), ("a", 3.0), ("b", 1e-3)):
         d = feats[layer].shape[1]
-        theta = torch.randn(d + 1, 7, dtype=torch.float64, generator=gen)
-        requests.append((types.SimpleNamespace(layer=layer, l2=lam), theta))
-    out = fit.evaluate("train", requests, grad=True)
+        points.append(Point(layer, lam, torch.randn(d + 1, 7, dtype=torch.float64,
+                                                    generator=gen)))
+    out = obj.evaluate("train", points, grad=True)
     yt = torch.from_numpy(y)
-    for (probe, theta), (f, g, top1, top5) in zip(requests, out, strict=True):
-        x = torch.from_numpy(feats[probe.layer]).double()
-        t = theta.clone().requires_grad_()
-        loss, z = _autograd_objective(x, yt, t, probe.l2)
+    for point, v in zip(points, out, strict=True):
+        x = torch.from_numpy(feats[point.layer]).double()
+        t = point.theta.clone().requires_grad_()
+        loss, z = _autograd_objective(x, yt, t, point.l2)
         loss.backward()
-        assert g.dtype == torch.float64 and g.shape == theta.shape
-        assert f == pytest.approx(loss.item(), rel=1e-12)
+        g = v.gradient
+        assert g.dtype == torch.float64 and g.shape == point.theta.shape
+        assert v.objective == pytest.approx(loss.item(), rel=1e-12)
         torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-12)  # float64 end to end
         z = z.detach()
-        assert top1 == pytest.approx(float((z.argmax(1) != yt).double().mean()))
+        assert v.top1_error == pytest.approx(float((z.argmax(1) != yt).double().mean()))
         in5 = (z.topk(5, dim=1).indices == yt[:, None]).any(dim=1)
-        assert top5 == pytest.approx(float((~in5).double().mean()))
-    # without grad: the plain mean cross-entropy (no penalty), no gradient
-    probe, theta = requests[2]
-    (f, g, _, _), = fit.evaluate("train", [(probe, theta)], grad=False)
-    x = torch.from_numpy(feats[probe.layer]).double()
-    assert g is None
-    assert f == pytest.approx(float(_autograd_objective(x, yt, theta, 0.0)[0]), rel=1e-12)
+        assert v.top5_error == pytest.approx(float((~in5).double().mean()))
+    # without grad: no gradient; the loss is the plain mean cross-entropy (no penalty), the
+    # objective the same L_k as with it
+    point = points[2]
+    (v,) = obj.evaluate("train", [point], grad=False)
+    x = torch.from_numpy(feats[point.layer]).double()
+    assert v.gradient is None
+    assert v.loss == pytest.approx(float(_autograd_objective(x, yt, point.theta, 0.0)[0]),
+                                   rel=1e-12)
+    assert v.objective == out[2].objective
 
 
 class _ProbeObjective(torch.autograd.Function):
@@ -512,8 +509,8 @@ def test_lambda_list_picks_the_lowest_validation_error():
 def test_auto_lambda_uses_the_default_grid():
     feats, labels = _two_split_problem(seed=8)
     res = solve({s: {"a": f["a"]} for s, f in feats.items()}, labels=labels, tol=1e-5)
-    assert res.config["l2"] == list(solve_mod.DEFAULT_L2_GRID)
-    assert sorted(res.grid.l2) == sorted(solve_mod.DEFAULT_L2_GRID)
+    assert res.config["l2"] == list(DEFAULT_L2_GRID)
+    assert sorted(res.grid.l2) == sorted(DEFAULT_L2_GRID)
     g = res.grid
     best = min(g.itertuples(), key=lambda r: (r.valid_top1_error, r.valid_loss, -r.l2))
     assert set(res.table.l2) == {best.l2}

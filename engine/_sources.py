@@ -1,0 +1,195 @@
+"""Where a solve's features and labels come from: a store, or arrays in memory.
+
+:class:`ProbeData` is what the fitting code sees either way: the layers and their widths,
+every split's labels (checked, in memory: labels are small) and a reader of features row
+range by row range (read lazily, checked finite as they are read).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import (
+    DataError,
+    LayerNotFoundError,
+    NonFiniteError,
+    ProbeEngineWarning,
+    SplitNotFoundError,
+    StoreError,
+)
+from .store import Store
+
+__all__ = ["ProbeData"]
+
+#: rows per read when streaming arrays that have no block size of their own
+DEFAULT_BLOCK_ROWS = 8192
+
+
+@dataclass
+class ProbeData:
+    """Where the features are (read lazily, row range by row range) and the labels
+    (split -> (N,) int64, in memory).
+
+    Build one with :meth:`from_store` or :meth:`from_arrays`: they check everything that
+    can be checked before a fit starts (layers, labels, shapes, classes).
+    """
+
+    reader: Callable[[str, str, int, int], Any]
+    dims: dict[str, int]
+    labels: dict[str, torch.Tensor]
+    num_classes: int
+    layers: list[str]
+    info: dict[str, dict] = field(default_factory=dict)
+    block_rows: int = DEFAULT_BLOCK_ROWS  # rows per read when streaming
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.labels)
+
+    def rows(self, split: str) -> int:
+        return int(self.labels[split].shape[0])
+
+    def read(self, split: str, layer: str, start: int = 0, stop: int | None = None
+             ) -> torch.Tensor:
+        """Rows [start, stop) of ``layer`` on ``split`` as a CPU tensor, checked finite."""
+        stop = self.rows(split) if stop is None else stop
+        x = _as_tensor(self.reader(split, layer, start, stop))
+        if not x.is_floating_point():
+            raise DataError(f"layer {layer!r}, split {split!r}: features are {x.dtype}, not "
+                            f"floating point")
+        _check_finite(x, layer, split, start)
+        return x
+
+    @classmethod
+    def from_store(cls, store: Store, layers: list[str] | None, label: str,
+                   allow_partial: bool) -> ProbeData:
+        """The committed rows of ``store``: ``layers`` (default all, in network order) and
+        the label set ``label``; an incomplete store only with ``allow_partial``."""
+        if not store.complete and not allow_partial:
+            counts = ", ".join(f"{s} {store.committed(s)}/{store.rows(s)}"
+                               for s in store.splits)
+            raise StoreError(f"the build of {store.path} is incomplete ({counts} rows "
+                             f"committed); finish it with build_store(..., resume=True), or "
+                             f"pass allow_partial=True to solve on the committed rows")
+        chosen = list(store.layers) if layers is None else list(layers)
+        for layer in chosen:
+            store.layer_info(layer)  # LayerNotFoundError listing what exists
+        chosen = [layer for layer in store.layers if layer in set(chosen)]  # network order
+        labels = {s: torch.from_numpy(store.labels(s, label)) for s in store.splits
+                  if store.committed(s) > 0}
+        if "train" not in labels:
+            raise SplitNotFoundError(f"{store.path} has no committed 'train' rows to fit on "
+                                     f"(splits: {store.splits}); finish the build with "
+                                     f"build_store(..., resume=True)")
+        info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
+                for layer in chosen}
+        dims = {layer: info[layer]["dim"] for layer in chosen}
+        return _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
+                        store.block_rows)
+
+    @classmethod
+    def from_arrays(cls, source: Mapping, labels: Any, layers: list[str] | None
+                    ) -> ProbeData:
+        """``{layer: (N, D) array}`` (one "train" split) or ``{split: {layer: array}}``,
+        numpy, torch or zarr arrays, with ``labels`` an (N,) array or ``{split: array}``."""
+        first = next(iter(source.values()), None)
+        by_split = source if isinstance(first, Mapping) else {"train": source}
+        if labels is None:
+            raise DataError("solve(mapping) needs labels=: an (N,) array, or {split: array}")
+        labels = labels if isinstance(labels, Mapping) else {"train": labels}
+        if set(labels) != set(by_split):
+            raise DataError(f"labels are given for splits {sorted(labels)}, features for "
+                            f"{sorted(by_split)}; give both for the same splits")
+        if "train" not in by_split:
+            raise SplitNotFoundError(f"no 'train' split to fit on; splits: {sorted(by_split)}")
+        chosen = list(by_split["train"]) if layers is None else list(layers)
+        y = {s: _as_labels(v, s) for s, v in labels.items()}
+        dims = {}
+        for split, layers_of in by_split.items():
+            missing = [layer for layer in chosen if layer not in layers_of]
+            if missing:
+                raise LayerNotFoundError(f"split {split!r} has no features for {missing}; it "
+                                         f"has {sorted(layers_of)}")
+            for layer in chosen:
+                shape = tuple(layers_of[layer].shape)
+                if len(shape) != 2 or shape[0] != y[split].shape[0]:
+                    raise DataError(f"layer {layer!r}, split {split!r}: features of shape "
+                                    f"{shape} do not match {y[split].shape[0]} labels")
+                if shape[1] == 0:
+                    raise DataError(f"layer {layer!r}, split {split!r} has zero features "
+                                    f"(shape {shape}); leave it out")
+                if dims.setdefault(layer, shape[1]) != shape[1]:
+                    raise DataError(f"layer {layer!r} has {dims[layer]} features on one "
+                                    f"split and {shape[1]} on {split!r}")
+        info = {layer: {"site": "", "dim": dims[layer], "reduction": ""} for layer in chosen}
+
+        def reader(split: str, layer: str, start: int, stop: int):
+            return by_split[split][layer][start:stop]
+
+        return _checked(reader, dims, y, chosen, info, None, DEFAULT_BLOCK_ROWS)
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    a = np.ascontiguousarray(x[:] if hasattr(x, "chunks") else x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # e.g. np.load(mmap_mode="r")
+
+
+def _as_labels(y: Any, split: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        a = np.asarray(y[:] if hasattr(y, "chunks") else y)
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"labels of split {split!r} are {a.dtype}, not integer class "
+                            f"indices; map them to 0..C-1 first")
+    return _as_tensor(y)
+
+
+def _checked(reader, dims, labels, layers, info, num_classes, block_rows) -> ProbeData:
+    for split, y in labels.items():
+        if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError(f"labels of split {split!r} must be (N,) integers, got "
+                            f"{y.dtype} of shape {tuple(y.shape)}")
+        labels[split] = y.to(torch.int64)
+    for split, y in labels.items():
+        if y.numel() == 0:
+            raise DataError(f"split {split!r} has no rows; give it some or leave it out")
+    y_train = labels["train"]
+    top = max(int(y.max()) for y in labels.values() if y.numel())
+    c = int(num_classes) if num_classes else top + 1
+    for split, y in labels.items():
+        bad = ((y < 0) | (y >= c)).nonzero()
+        if len(bad):
+            r = int(bad[0])
+            raise DataError(f"split {split!r}, row {r}: label {int(y[r])} is out of range for "
+                            f"{c} classes")
+    present = torch.bincount(y_train, minlength=c) > 0
+    if int(present.sum()) < 2:
+        raise DataError(f"the train split has one class only ({int(y_train[0])}); a probe "
+                        f"needs at least two")
+    seen = set(present.nonzero().view(-1).tolist())
+    for split, y in labels.items():
+        unseen = sorted(set(torch.unique(y).tolist()) - seen)
+        if unseen and split != "train":
+            # stacklevel: _checked <- ProbeData.from_* <- the caller's caller (engine.solve)
+            warnings.warn(f"split {split!r} has classes never seen in train: {unseen[:10]}; "
+                          f"their rows count as errors", ProbeEngineWarning, stacklevel=4)
+    return ProbeData(reader, dims, labels, c, list(layers), info, block_rows)
+
+
+def _check_finite(x: torch.Tensor, layer: str, split: str, offset: int = 0) -> None:
+    step = 1 << 16
+    for r0 in range(0, x.shape[0], step):
+        block = x[r0 : r0 + step]
+        if math.isfinite(float(block.sum(dtype=torch.float64))):
+            continue
+        row = offset + r0 + int((~torch.isfinite(block.float())).any(dim=1).nonzero()[0])
+        raise NonFiniteError(f"layer {layer!r}, split {split!r}, row {row}: the features hold "
+                             f"NaN or inf; rebuild those rows or leave the layer out")

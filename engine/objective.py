@@ -1,0 +1,265 @@
+"""The probe objective, written once: loss, gradient, penalty and the kernel call.
+
+Per probe k, with features X (N, D_k), labels y in [0, C) and L2 strength lambda::
+
+    L_k(W, b) = (1/N) sum_i CE(softmax(X_i W + b), y_i) + (lambda / 2) ||W||_F^2
+
+(b is not penalised; CE is the natural-log cross-entropy). This is scikit-learn's
+``LogisticRegression(C=1/(lambda*N))`` objective for C > 2 classes. Its gradient::
+
+    dL/dW = X^T dZ + lambda W,   dL/db = sum_i dZ_i,   dZ = (softmax(X W + b) - onehot(y)) / N
+
+:class:`ProbeObjective` is the one place that computes them, for every driver, as
+scikit-learn's ``LinearModelLoss`` serves all its solvers: the L-BFGS driver
+(:mod:`engine._lbfgs`) and the result selection (:mod:`engine._fit`) evaluate it on whole
+splits (:meth:`ProbeObjective.evaluate`), the SGD driver (:mod:`engine._sgd`) on minibatches
+(:meth:`ProbeObjective.minibatch_gradient`). Either way the weights of many probes are laid
+side by side into one GEMM operand (:meth:`ProbeObjective.pack`: the lambdas of a layer,
+and on CUDA the layers of a width stack, add columns to the same products, not passes), the
+logits ``X W + b`` are one GEMM, the softmax-cross-entropy kernel (``kernel=``: the fused CUDA
+kernel where it runs, else its torch reference, or any function of their signature) turns
+them into loss sums, hit counts and dZ in place, and ``X^T dZ`` is the second GEMM. The
+penalty is added by :meth:`ProbeObjective.penalty` (value) and
+:meth:`ProbeObjective.penalty_gradient` (gradient) only.
+
+This module is a documented internal seam: the drivers, the tests and the benchmarks use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ._features import FeatureCache
+from .errors import InvalidArgumentError
+from .kernels import softmax_xent
+from .kernels.reference import softmax_xent as reference_softmax_xent
+
+__all__ = ["BLOCK_BYTES", "Kernel", "Point", "ProbeObjective", "Solution", "Value",
+           "kernel_function"]
+
+#: bytes of the logits of one block of rows, all probes of a run: the rows per block of a
+#: full-batch pass
+BLOCK_BYTES = 64 << 20
+
+#: a softmax-cross-entropy kernel: the signature of engine.kernels.reference.softmax_xent
+Kernel = Callable[..., tuple]
+
+
+class Point(NamedTuple):
+    """Parameters of one probe of ``layer`` at L2 strength ``l2``: ``theta`` is (D+1, C),
+    the weights W then the bias row b."""
+
+    layer: str
+    l2: float
+    theta: torch.Tensor
+
+
+class Value(NamedTuple):
+    """The objective of one probe on one split: ``loss`` the mean cross-entropy,
+    ``objective`` L_k (loss plus penalty), ``gradient`` dL_k/dtheta ((D+1, C), or None when
+    not asked for), and the top-1 / top-5 errors."""
+
+    loss: float
+    objective: float
+    gradient: torch.Tensor | None
+    top1_error: float
+    top5_error: float
+
+
+@dataclass
+class Solution:
+    """A fitted probe, whichever driver fitted it: its parameters ``theta`` ((D+1, C)),
+    iterations (L-BFGS) or epochs (SGD), objective evaluations, and why it stopped."""
+
+    layer: str
+    l2: float
+    theta: torch.Tensor
+    iterations: int
+    evaluations: int
+    converged: bool
+    reason: str
+
+
+def kernel_function(kernel: str | Kernel) -> Kernel:
+    """``"auto"``: :func:`engine.kernels.softmax_xent` (the fused CUDA kernel where it runs,
+    else the reference); ``"torch"``: always the reference; or a function of their signature
+    (the tests' host-emulated kernel)."""
+    if callable(kernel):
+        return kernel
+    table = {"auto": softmax_xent, "torch": reference_softmax_xent}
+    if kernel not in table:
+        raise InvalidArgumentError(f"kernel must be 'auto', 'torch' or a function, not "
+                                   f"{kernel!r}")
+    return table[kernel]
+
+
+class ProbeObjective:
+    """L_k, its gradient and metrics for many probes at once (see the module docs).
+
+    ``features`` holds the data of the full-batch passes and fixes the device, the
+    arithmetic dtype and the classes. ``low`` (bfloat16) is the dtype of the minibatch
+    products (weights and sums stay in the arithmetic dtype). ``block_bytes`` bounds the
+    logits of one block of rows of a full-batch pass.
+    """
+
+    def __init__(self, features: FeatureCache, *, kernel: str | Kernel = "auto",
+                 low: torch.dtype | None = None, block_bytes: int = BLOCK_BYTES):
+        self.features = features
+        self.device, self.dtype = features.device, features.dtype
+        self.num_classes = features.num_classes
+        self.low = low
+        self.kernel = kernel_function(kernel)
+        self.block_bytes = block_bytes
+        # the K*C logit columns of a full-batch pass padded: MKL's float32 GEMMs with a thin
+        # side of 10 (or 60) columns run several times slower than with 16 (or 64)
+        # (docs/solve.md, benchmarks/RESULTS.md); tensor cores want multiples of 8. The
+        # padding columns have zero weights and get a zero gradient.
+        self.pad = 16 if self.device.type == "cpu" else 8
+        self._strengths: dict[tuple, torch.Tensor] = {}
+
+    # -- the pieces, each written once -----------------------------------------------------
+    def pack(self, thetas: Sequence[torch.Tensor], d: int, dtype: torch.dtype, pad: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GEMM operands of L layers' K probes each: ``thetas[j]`` is (D_j+1, K, C);
+        returns W^T (L, width, d) and b (L, 1, width), each layer's weights in its first
+        D_j of ``d`` columns, the K*C logit columns padded to ``width``, a multiple of
+        ``pad``; zeros everywhere else."""
+        nl, kc = len(thetas), thetas[0].shape[1] * self.num_classes
+        width = -(-kc // pad) * pad
+        full = width == kc and all(t.shape[0] - 1 == d for t in thetas)
+        make = torch.empty if full else torch.zeros  # nothing to pad: every entry is set
+        wt = make(nl, width, d, dtype=dtype, device=self.device)
+        b = make(nl, 1, width, dtype=dtype, device=self.device)
+        for j, theta in enumerate(thetas):
+            dj = theta.shape[0] - 1
+            wt[j, :kc, :dj] = theta[:dj].reshape(dj, kc).T
+            b[j, 0, :kc] = theta[dj].reshape(kc)
+        return wt, b
+
+    @staticmethod
+    def logits(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(L, B, width) logits ``X W + b`` of L layers' blocks x (L, B, D)."""
+        if x.shape[0] == 1:
+            return torch.addmm(b[0], x[0], wt[0].T).unsqueeze(0)
+        return torch.baddbmm(b, x, wt.transpose(1, 2))
+
+    def softmax_xent(self, z: torch.Tensor, k: int, y: torch.Tensor, scale: float,
+                     grad: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The kernel on each layer's logits (z (L, B, width), K probes each, seen as
+        (K, B, C)): ``(loss sums, top-1 hits, top-5 hits)`` per layer; with ``grad``, dZ
+        (times ``scale``) over the logits in place."""
+        c = self.num_classes
+        out = []
+        for j in range(z.shape[0]):
+            logits = z[j, :, : k * c].view(-1, k, c).transpose(0, 1)  # (K, B, C) view
+            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
+            out.append((loss, top1, top5))
+        return out
+
+    def bias_gradient(self, dz: torch.Tensor) -> torch.Tensor:
+        """sum_i dZ_i of each layer's block: (L, width) in the arithmetic dtype."""
+        return dz.sum(dim=1, dtype=self.dtype)
+
+    @staticmethod
+    def penalty(w: torch.Tensor, l2: float) -> float:
+        """(lambda / 2) ||W||_F^2 of one probe's weights W (D, C), summed in float64."""
+        return 0.5 * l2 * float((w.double() ** 2).sum())
+
+    @staticmethod
+    def penalty_gradient(g: torch.Tensor, w: torch.Tensor, l2: torch.Tensor) -> None:
+        """Adds lambda W to the weight gradients ``g`` (D, K, C) of K probes with weights
+        ``w`` (D, K, C) and strengths ``l2`` (K,), in place."""
+        g.addcmul_(w, l2.view(1, -1, 1))
+
+    def strengths(self, l2: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """The lambdas ``l2`` as a (K,) tensor on the device (kept: the same few recur in
+        every pass, and each would be a host-to-device copy)."""
+        key = (tuple(l2), dtype)
+        out = self._strengths.get(key)
+        if out is None:
+            out = self._strengths[key] = torch.tensor(key[0], dtype=dtype, device=self.device)
+        return out
+
+    # -- full-batch passes -----------------------------------------------------------------
+    def evaluate(self, split: str, points: Sequence[Point], *, grad: bool) -> list[Value]:
+        """:class:`Value` of each point on ``split``: one pass over each layer's rows,
+        shared by all of the layer's points, and by the layers of a stacked run."""
+        out: list = [None] * len(points)
+        by_layer: dict[str, list[int]] = {}
+        for i, point in enumerate(points):
+            by_layer.setdefault(point.layer, []).append(i)
+        for run in self.features.runs(split, by_layer):
+            self._evaluate_run(split, run, by_layer, points, out, grad)
+        return out
+
+    def _evaluate_run(self, split: str, run: list[str], by_layer: dict[str, list[int]],
+                      points: Sequence[Point], out: list, grad: bool) -> None:
+        y = self.features.labels(split)
+        n, c = y.shape[0], self.num_classes
+        x = self.features.run_features(split, run)  # (L, N, D)
+        nl, d, k = len(run), x.shape[2], len(by_layer[run[0]])
+        thetas = [torch.stack([points[i].theta for i in by_layer[layer]], dim=1)
+                  for layer in run]  # L x (D_j+1, K, C)
+        dtype = thetas[0].dtype
+        kc = k * c
+        wt, b = self.pack(thetas, d, dtype, self.pad)
+        width = wt.shape[1]
+        gw = torch.zeros(nl, d, width, dtype=dtype, device=self.device) if grad else None
+        gb = torch.zeros(nl, width, dtype=dtype, device=self.device) if grad else None
+        loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
+        top1 = torch.zeros(nl, k, dtype=torch.int64, device=self.device)
+        top5 = torch.zeros_like(top1)
+        rows = max(256, self.block_bytes // (nl * width * wt.element_size()))
+        for r0 in range(0, n, rows):
+            yb = y[r0 : r0 + rows]
+            xb = x[:, r0 : r0 + rows].to(self.dtype)  # (L, B, D)
+            z = self.logits(xb, wt, b)  # (L, B, width)
+            for j, (ls, t1, t5) in enumerate(self.softmax_xent(z, k, yb, 1.0 / n, grad)):
+                loss[j] += ls.double()
+                top1[j] += t1
+                top5[j] += t5
+            if grad:  # z now holds dZ
+                z[:, :, kc:].zero_()
+                if nl == 1:
+                    gw[0].addmm_(xb[0].T, z[0])  # X^T dZ: MKL's fast orientation once padded
+                else:
+                    gw.baddbmm_(xb.transpose(1, 2), z)
+                gb += self.bias_gradient(z)
+        loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
+        for j, layer in enumerate(run):
+            dj = thetas[j].shape[0] - 1
+            at = by_layer[layer]
+            if grad:  # (D_j+1, K, C): the layer's own rows of X^T dZ, then the bias row
+                g = torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
+                l2 = self.strengths([points[i].l2 for i in at], dtype)
+                self.penalty_gradient(g[:dj], thetas[j][:dj], l2)
+            for m, i in enumerate(at):
+                point = points[i]
+                out[i] = Value(loss[j][m], loss[j][m] + self.penalty(point.theta[:dj], point.l2),
+                               g[:, m].clone() if grad else None,
+                               1.0 - top1[j][m] / n, 1.0 - top5[j][m] / n)
+
+    # -- minibatches -----------------------------------------------------------------------
+    def minibatch_gradient(self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor,
+                           l2: torch.Tensor) -> torch.Tensor:
+        """dL_k/dtheta of K probes of one layer on one minibatch (x (B, D), y (B,); N = B):
+        ``theta`` (D+1, K, C) in the arithmetic dtype, ``l2`` (K,); the products in ``low``
+        when set (on CUDA the kernel's bfloat16 variant reads the bfloat16 logits). Returns
+        (D+1, K, C) in theta's dtype."""
+        d, k = theta.shape[0] - 1, theta.shape[1]
+        kc = k * self.num_classes
+        gemm = self.low or self.dtype
+        # a minibatch is a few hundred rows: its products are not padded
+        wt, b = self.pack([theta], d, gemm, 1)
+        xb = x.to(gemm).unsqueeze(0)  # (1, B, D)
+        z = self.logits(xb, wt, b)
+        self.softmax_xent(z, k, y, 1.0 / len(y), True)  # z now holds dZ
+        grad = torch.empty_like(theta)
+        grad[:d].view(d, kc).copy_(torch.mm(z[0].T, xb[0]).T)
+        grad[d] = self.bias_gradient(z)[0].view(k, self.num_classes)
+        self.penalty_gradient(grad[:d], theta[:d], l2)
+        return grad
