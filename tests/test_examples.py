@@ -77,18 +77,19 @@ def test_pathological_model_ignores_the_layers_its_skip_bypasses(tmp_path):
     """Section 5.1: after training, the probes at the end of the skipped half stay near
     chance while those at the end of the second half improve."""
     mod = _example("pathological")
-    # three epochs, as the example's default: after two, how far the second half has got
-    # depends on the machine's arithmetic (0.18 to 0.25 below its initial error)
-    run = mod.main(["--epochs", "3", "--every", "8", "--probe-rows", "2000", "--test-rows",
-                    "1000", "--l2", "1e-3", "--out", str(tmp_path), "--quiet"])
+    # two epochs at twice the example's learning rate: at its 0.01, how far the second half
+    # gets in two epochs depends on the machine's arithmetic (0.18 to 0.25 below its initial
+    # error); at 0.02 it is about 0.4 (benchmarks/RESULTS.md, "The pathological model")
+    run = mod.main(["--epochs", "2", "--lr", "0.02", "--every", "64", "--probe-rows", "2000",
+                    "--test-rows", "1000", "--l2", "1e-3", "--out", str(tmp_path), "--quiet"])
     s, chance = run["summary"], run["chance"]
-    assert list(s) == ["init", "epoch-1", "epoch-2", "epoch-3"]
+    assert list(s) == ["init", "epoch-1", "epoch-2"]
     assert run["losses"][-1] < 2.0  # the model did learn (chance: ln 10 = 2.30)
     skipped, second = "skipped half, end", "second half, end"
     assert s["init"][skipped] > chance - 0.1 and s["init"][second] > chance - 0.1
-    assert s["epoch-3"][skipped] > chance - 0.15  # stays near chance...
-    assert s["epoch-3"][second] < s["init"][second] - 0.2  # ...while the second half learns
-    assert s["epoch-3"][second] < s["epoch-3"][skipped] - 0.15
+    assert s["epoch-2"][skipped] > chance - 0.15  # stays near chance...
+    assert s["epoch-2"][second] < s["init"][second] - 0.2  # ...while the second half learns
+    assert s["epoch-2"][second] < s["epoch-2"][skipped] - 0.15
     table = pd.read_csv(tmp_path / "report" / "results.csv")
     assert {"layers.0", "layers.63", "layers.127", "logits"} <= set(table.layer)
     assert (tmp_path / "report" / "heatmap.png").exists()

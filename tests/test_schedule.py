@@ -44,10 +44,18 @@ def store(wide_store, tmp_path):
     return engine.open_store(tmp_path / "s.zarr")
 
 
-@pytest.fixture
-def client():
+@pytest.fixture(scope="module")
+def cluster():
     with engine.cluster(2, threads_per_worker=1, processes=True) as c:
         yield c
+
+
+@pytest.fixture
+def client(cluster):
+    """The module's two-worker cluster (started once), both workers up: after a test killed
+    one, its nanny has started another."""
+    cluster.wait_for_workers(2, timeout=60)
+    return cluster
 
 
 SOLVE = dict(l2=[1e-4, 1e-2], tol=1e-6, device="cpu", progress=False)
@@ -201,14 +209,26 @@ def _assert_same_store(a, b):
             assert ta[name] == tb[name], name
 
 
-@pytest.fixture
-def mlp():
+def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def test_distributed_build_equals_the_single_process_build(fashion, mlp, client, tmp_path):
-    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
+@pytest.fixture
+def mlp():
+    return _mlp()
+
+
+@pytest.fixture(scope="module")
+def one(fashion, tmp_path_factory):
+    """The single-process build of the MLP at the workers' thread count, built once: what
+    every Dask build here must equal, array for array."""
+    return one_thread(engine.build_store, _mlp(), fashion,
+                      tmp_path_factory.mktemp("one") / "one.zarr", **BUILD)
+
+
+def test_distributed_build_equals_the_single_process_build(fashion, mlp, one, client,
+                                                           tmp_path):
     ours = engine.build_store(mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD)
     assert one.meta.config.block_rows == 32  # 27 blocks: many tasks on two workers
     _assert_same_store(one.path, ours.path)
@@ -221,10 +241,9 @@ def test_distributed_build_equals_the_single_process_build(fashion, mlp, client,
                       if p.is_file()}
 
 
-def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, client, tmp_path):
+def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, one, client, tmp_path):
     store, _ = run_killing_a_worker(client, lambda: engine.build_store(
         mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD))
-    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
     _assert_same_store(one.path, store.path)
 
 
@@ -242,11 +261,11 @@ def test_a_block_that_keeps_failing_names_its_rows(fashion, client, tmp_path):
     assert len(list((path / ".probe-engine-shards").rglob("*-*"))) >= 20
 
 
-def test_an_fsspec_url_store_builds_and_solves_on_the_cluster(fashion, mlp, client, tmp_path):
+def test_an_fsspec_url_store_builds_and_solves_on_the_cluster(fashion, mlp, one, client,
+                                                              tmp_path):
     url = f"file://{tmp_path}/url.zarr"  # through fsspec, as an object store would be
     ours = engine.build_store(mlp, fashion, url, client=client, **BUILD)
     assert ours.path == url and ours.complete
-    one = one_thread(engine.build_store, mlp, fashion, tmp_path / "one.zarr", **BUILD)
     _assert_same_store(one.path, tmp_path / "url.zarr")
     res = engine.solve(url, client=client, layers=["1", "3"], **SOLVE)
     assert list(res.weights) == ["1", "3"]
