@@ -453,7 +453,7 @@ def test_extra_labels(tmp_path, fashion, convnet):
 def test_unknown_layer_and_device(tmp_path, fashion, convnet):
     with pytest.raises(engine.LayerNotFoundError, match="conv1_preact"):
         build(convnet, fashion, tmp_path / "a.zarr", layers=["conv1_preakt"])
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(engine.InvalidArgumentError, match="does not exist"):
         build(convnet, fashion, tmp_path / "b.zarr", device="cuda:7")
     assert not (tmp_path / "a.zarr").exists()
 
@@ -541,7 +541,7 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, fashion, convne
     for kw, match in [({"compressor": "gzip"}, "compressor"), ({"batch_size": 0}, "batch_size"),
                       ({"dtype": "int8"}, "dtype"), ({"nan_policy": "drop"}, "nan_policy"),
                       ({"sites": ("middle",)}, "sites")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(engine.InvalidArgumentError, match=match):
             build(convnet, fashion["test"], tmp_path / "s.zarr", **kw)
         assert not (tmp_path / "s.zarr").exists()
 

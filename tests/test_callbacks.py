@@ -75,9 +75,9 @@ def test_probe_monitor_logs_one_value_per_layer_and_epoch(fashion, tmp_path):
 
 
 def test_probe_monitor_checks_its_arguments(fashion):
-    with pytest.raises(ValueError, match="'train' and a 'valid'"):
+    with pytest.raises(engine.InvalidArgumentError, match="'train' and a 'valid'"):
         ProbeMonitor(["net.1"], {"train": fashion["train"]})
-    with pytest.raises(ValueError, match="every_n_epochs"):
+    with pytest.raises(engine.InvalidArgumentError, match="every_n_epochs"):
         ProbeMonitor(["net.1"], {"train": fashion["train"], "valid": fashion["test"]},
                      every_n_epochs=0)
 

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from engine.capture import Site, discover_sites, hooked, is_auto_type, select_modules
-from engine.errors import LayerNotFoundError, ProbeEngineError
+from engine.errors import InvalidArgumentError, LayerNotFoundError, ProbeEngineError
 from engine.models import mnist_convnet
 
 AUTO = [
@@ -191,7 +191,7 @@ def test_discover_convnet_both_sides(convnet):
 def test_discover_rejects_bad_sides(convnet):
     x = torch.randn(1, 1, 28, 28)
     for sides in ("outputs", (), ("input", "both")):
-        with pytest.raises(ValueError, match="sites"):
+        with pytest.raises(InvalidArgumentError, match="sites"):
             discover_sites(convnet, ["logits"], sides, lambda: convnet(x))
 
 
@@ -462,7 +462,7 @@ def test_hooked_model_input_hooked_regardless_of_sides(convnet):
 
 def test_hooked_rejects_bad_sides(convnet):
     before = _hook_counts(convnet)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):
         with hooked(convnet, ["logits"], ("middle",), lambda s, t: None):
             pass  # pragma: no cover
     assert _hook_counts(convnet) == before

@@ -1,4 +1,4 @@
-"""kernels.reference.softmax_xent against torch's cross-entropy and autograd.
+"""engine.kernels.reference.softmax_xent against torch's cross-entropy and autograd.
 
 The reference computes in float32 whatever the logits' dtype (its documented contract), so
 float64 inputs are held to float32 accuracy here.

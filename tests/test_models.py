@@ -3,6 +3,7 @@ import torch
 from conftest import MNIST_SHAPES
 from torch import nn
 
+import engine
 from engine.models import SkipMLP, mnist_convnet, train
 
 NAMES = [
@@ -73,7 +74,7 @@ def test_skip_mlp_shapes_sites_and_the_skip():
     model(x)
     torch.testing.assert_close(seen[6][0], seen[0][1] + seen[5][1])  # layer 6 gets 0's output
     assert len(seen) == 3
-    with pytest.raises(ValueError, match="skip"):
+    with pytest.raises(engine.InvalidArgumentError, match="skip"):
         SkipMLP(depth=8, skip=(4, 4))
 
 
@@ -99,5 +100,5 @@ def test_train_with_sgd_clipping_and_a_checkpoint_per_epoch():
     assert seen == [(1, False), (2, False), (3, False)]  # checkpoints in eval mode
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert not model.training
-    with pytest.raises(ValueError, match="optimizer"):
+    with pytest.raises(engine.InvalidArgumentError, match="optimizer"):
         train(model, data, optimizer="lbfgs")

@@ -158,7 +158,7 @@ def test_a_task_that_keeps_failing_names_its_layer(store, client):
 
 
 def test_client_needs_a_store(client):
-    with pytest.raises(ValueError, match="every worker can open"):
+    with pytest.raises(engine.InvalidArgumentError, match="every worker can open"):
         engine.solve({"a": np.ones((4, 2), np.float32)}, labels=np.array([0, 1, 0, 1]),
                       l2=0.1, client=client)
 

@@ -43,7 +43,7 @@ def test_unknown_names_list_what_exists(store):
 
 def test_reads_stay_inside_committed_rows(store):
     rows = store.rows("test")
-    with pytest.raises(ValueError, match="out of the committed range"):
+    with pytest.raises(engine.InvalidArgumentError, match="out of the committed range"):
         store.read("test", "logits", 0, rows + 1)
     group = zarr.open_group(store.path, mode="r+")
     meta = dict(group.attrs["probe_engine"])
@@ -52,7 +52,7 @@ def test_reads_stay_inside_committed_rows(store):
     partial = engine.open_store(store.path)
     assert not partial.complete and partial.committed("test") == 64
     assert len(partial.labels("test")) == 64
-    with pytest.raises(ValueError, match="resume it first"):
+    with pytest.raises(engine.InvalidArgumentError, match="resume it first"):
         partial.read("test", "logits", 0, 65)
 
 
@@ -154,7 +154,7 @@ def test_a_second_label_set_needs_no_new_capture(tmp_path, fashion):
         store.add_labels("coarse", lambda y: y % 2)
     store.add_labels("coarse", lambda y: y % 2, overwrite=True)
     assert store.num_classes("coarse") == 2
-    with pytest.raises(ValueError, match="other than 'y'"):
+    with pytest.raises(engine.InvalidArgumentError, match="other than 'y'"):
         store.add_labels("y", lambda y: y)
     with pytest.raises(engine.DataError, match="non-negative integers"):
         store.add_labels("bad", lambda y: y - 100)

@@ -41,5 +41,5 @@ def test_a_sweep_needs_one_architecture(tmp_path, fashion):
     with pytest.raises(engine.StoreMismatchError, match="one architecture"):
         engine.sweep(mlp, {"a": mlp(), "b": other}, fashion, tmp_path, layers=["2"],
                      solve_kwargs=dict(l2=1e-3, device="cpu"), progress=False)
-    with pytest.raises(TypeError, match="state_dict"):
+    with pytest.raises(engine.InvalidArgumentError, match="state_dict"):
         engine.sweep(mlp, {"c": 3}, fashion, tmp_path, layers=["2"], progress=False)
