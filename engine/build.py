@@ -215,13 +215,7 @@ def _reopen(path: str, wanted: fmt.StoreMeta) -> zarr.Group:
     """The existing store's root, once its model, data and config are found to be
     ``wanted``'s; else :class:`StoreMismatchError` naming every difference."""
     group = fmt.open_root(path, write=True)
-    version = dict(group.attrs[fmt.ATTR]).get("format")
-    if version != fmt.FORMAT_VERSION:
-        newer = isinstance(version, int) and version > fmt.FORMAT_VERSION
-        raise StoreError(f"{path} has store format {version!r}; this probe-engine writes "
-                         f"format {fmt.FORMAT_VERSION}; "
-                         f"{'upgrade probe-engine to resume it, or ' if newer else ''}"
-                         f"use another path")
+    fmt.check_version(dict(group.attrs[fmt.ATTR]), path, resume=True)
     stored = fmt.read_meta(group, path)
     diff = differences(stored.identity(), wanted.identity())
     if diff:

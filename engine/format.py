@@ -42,8 +42,8 @@ from .errors import (
 
 __all__ = ["FORMAT_VERSION", "ATTR", "DTYPES", "COMPRESSORS", "MAX_CHUNK_BYTES", "ROOT_FOLDERS",
            "LayerMeta", "SplitMeta", "SourceMeta", "DatasetMeta", "ModelMeta", "StoreConfig",
-           "StoreMeta", "name_problem", "check_name", "features_path", "labels_path",
-           "index_path", "indices_path", "split_of", "chunk_key", "chunk_prefix",
+           "StoreMeta", "check_version", "name_problem", "check_name", "features_path",
+           "labels_path", "index_path", "indices_path", "split_of", "chunk_key", "chunk_prefix",
            "compressors", "chunk_rows", "block_rows_for", "bf16_bits_to_float32", "open_root",
            "create_root", "read_meta", "write_meta", "ensure_arrays", "write_label_array",
            "infer_num_classes", "run_fingerprint", "start_run", "save_probe", "saved_probes",
@@ -364,13 +364,7 @@ class StoreMeta:
         :data:`FORMAT_VERSION` or a missing or malformed key raises a :class:`StoreError`
         naming it."""
         r = _Reader(obj, f"attrs.{ATTR}", path)
-        version = r.obj.get("format")
-        if version != FORMAT_VERSION:
-            newer = isinstance(version, int) and version > FORMAT_VERSION
-            raise StoreError(f"{path} has store format {version!r}; this probe-engine reads "
-                             f"format {FORMAT_VERSION}. "
-                             f"{'Upgrade probe-engine, or rebuild' if newer else 'Rebuild'} "
-                             f"the store.")
+        check_version(r.obj, path)
         layers = r("layers", list)
         splits = r.child("splits")
         return cls(ModelMeta.from_json(r.child("model")),
@@ -391,6 +385,23 @@ class StoreMeta:
 
     def layer(self, name: str) -> LayerMeta | None:
         return next((layer for layer in self.layers if layer.name == name), None)
+
+
+def check_version(obj: dict, path: str, *, resume: bool = False) -> None:
+    """Refuse a root metadata object of another format version than :data:`FORMAT_VERSION`
+    (``resume``: the advice of a build that would resume it)."""
+    version = obj.get("format")
+    if version == FORMAT_VERSION:
+        return
+    newer = isinstance(version, int) and version > FORMAT_VERSION
+    if resume:
+        raise StoreError(f"{path} has store format {version!r}; this probe-engine writes "
+                         f"format {FORMAT_VERSION}; "
+                         f"{'upgrade probe-engine to resume it, or ' if newer else ''}"
+                         f"use another path")
+    advice = "Upgrade probe-engine, or rebuild" if newer else "Rebuild"
+    raise StoreError(f"{path} has store format {version!r}; this probe-engine reads format "
+                     f"{FORMAT_VERSION}. {advice} the store.")
 
 
 # -- opening and creating ----------------------------------------------------------------

@@ -40,7 +40,8 @@ def option(default: Any, help: str, *, check: Callable[[Any, str], Any] | None =
            choices: Sequence[Any] | None = None, cli: Mapping[str, Any] | None = None) -> Any:
     """A dataclass field with its help text, its check (``check(value, name)`` returns the
     normalised value or raises :class:`InvalidArgumentError`) or ``choices``, and how the
-    command line takes it (``cli``: argparse keywords, ``flag``, or ``False`` for none)."""
+    command line takes it (``cli``: argparse keywords, plus ``flag`` (its name), ``help``
+    (other words than ``help``) and ``convert`` (a function of the parsed value))."""
     return field(default=default, metadata={"help": help, "check": check, "choices": choices,
                                             "cli": {} if cli is None else cli})
 
@@ -75,7 +76,7 @@ def positive_float(value: Any, name: str) -> float:
 
 
 def flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, type(None))) and value not in (0, 1):
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
         raise InvalidArgumentError(f"{name} must be True or False, not {value!r}")
     return bool(value)
 
@@ -414,8 +415,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *,
     group = parser.add_argument_group(title) if title else parser
     for f in cls.flat_fields():
         cli = dict(f.metadata["cli"])
-        if cli.get("off"):
-            continue
         name = _flag(f)
         cli.pop("flag", None)
         cli.pop("convert", None)

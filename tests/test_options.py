@@ -89,6 +89,7 @@ def test_options_check_every_value_by_name():
         (CaptureOptions, {"compressor": "gzip"}, "compressor must be one of"),
         (CaptureOptions, {"autocast": "int8"}, "autocast must be None, 'bfloat16'"),
         (CaptureOptions, {"channels_last": "yes"}, "channels_last must be True or False"),
+        (SolveOptions, {"allow_partial": None}, "allow_partial must be True or False"),
     ]:
         with pytest.raises(engine.InvalidArgumentError, match=words.replace("(", r"\(")
                            .replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
