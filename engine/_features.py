@@ -1,28 +1,51 @@
-"""Features on the device: residency, width stacking, and which layers are evaluated together.
+"""Features on the device: residency within a memory budget, streaming, width stacking.
 
-A :class:`FeatureCache` holds each (split, layer)'s (N, D) features on the solve's device
-for the full-batch passes: in the arithmetic dtype when that fits in a third of the free
-memory, else as stored (the passes upcast block by block). With ``group`` (the default on
-CUDA), layers of similar width (:func:`width_groups`) share one (L, N, D) stack,
-zero-padded to the widest, so that the probes of consecutive stacked layers are evaluated by
-batched GEMMs (:meth:`FeatureCache.runs`): many small products become a few large ones. The
-padding columns meet zero weights, so the logits are exact.
+A :class:`FeatureCache` serves the (N, D) features of each (split, layer) to the full-batch
+passes, block by block (:meth:`FeatureCache.blocks`), within a memory ``budget`` (bytes;
+``max_memory=`` of ``engine.solve``, by default half of the device's free memory). Each
+(split, layer) is, in the order they are loaded (train first: every pass reads it):
+
+- **resident in the arithmetic dtype** when that fits in what is left of the budget;
+- else **resident as stored** (float16 stays float16; the passes upcast block by block);
+- else **streamed**: every pass reads its rows from the store again, a block of whole
+  chunks at a time, on a background thread that keeps two blocks ahead (decompression and
+  checksums overlap the GEMMs; on CUDA the blocks are pinned and copied asynchronously).
+  Part of the budget is held back for those blocks; a budget that cannot hold one block
+  of one chunk's rows is refused (:class:`MemoryBudgetError`).
+
+With ``group`` (the default on CUDA), resident layers of similar width (:func:`width_groups`)
+share one (L, N, D) stack, zero-padded to the widest, so that the probes of consecutive
+stacked layers are evaluated by batched GEMMs (:meth:`FeatureCache.runs`): many small
+products become a few large ones. The padding columns meet zero weights, so the logits are
+exact. A streamed layer is a run of its own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ._sources import ProbeData
+from .errors import MemoryBudgetError, StoreError
 
-__all__ = ["FeatureCache", "STACK_SLACK", "free_bytes", "width_groups"]
+__all__ = ["BUDGET_SHARE", "FeatureCache", "PREFETCH", "STACK_SLACK", "STREAM_BLOCK_BYTES",
+           "free_bytes", "width_groups"]
 
 #: layers share a stack (zero-padded to its widest) when its widest is at most this many
 #: times its narrowest: a narrower layer's product does at most 25% extra work on padding
 STACK_SLACK = 1.25
+#: the default budget: this share of the device's free memory when the solve starts
+BUDGET_SHARE = 0.5
+#: blocks a stream reads ahead of the one in use
+PREFETCH = 2
+#: stored bytes a stream reads at a time when the budget allows (whole chunks, at least one):
+#: large enough that a pass is GEMMs, not Python, small enough to leave room for residents
+STREAM_BLOCK_BYTES = 32 << 20
 
 
 def free_bytes(device: torch.device) -> int:
@@ -33,6 +56,29 @@ def free_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - non-POSIX
         return 4 << 30
+
+
+def return_freed_memory() -> None:
+    """Make glibc return freed blocks of 1 MiB and more to the system at once (a fixed
+    ``M_MMAP_THRESHOLD``), for the rest of the process. Streaming allocates and frees a
+    block's buffers on several threads every pass; with glibc's default, a threshold that
+    grows with every large block freed, those buffers land in per-thread heaps that are
+    rarely trimmed, and resident memory grows by several budgets (measured: 290 MB over a
+    14 MB budget; 17 MB with this). No-op elsewhere."""
+    global _RETURNING
+    if _RETURNING:
+        return
+    _RETURNING = True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+_RETURNING = False
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def width_groups(dims: Mapping[str, int], slack: float = STACK_SLACK) -> list[list[str]]:
@@ -47,19 +93,30 @@ def width_groups(dims: Mapping[str, int], slack: float = STACK_SLACK) -> list[li
     return groups
 
 
-class FeatureCache:
-    """The features of ``data`` on ``device``, loaded once per (split, layer) and kept.
+def _size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
-    ``dtype`` is the arithmetic dtype; ``group`` stacks layers of similar width (default:
-    on CUDA only). ``labels(split)`` are the split's labels on the device.
+
+class FeatureCache:
+    """The features of ``data`` for passes on ``device``, within ``budget`` bytes.
+
+    ``dtype`` is the arithmetic dtype; ``group`` stacks resident layers of similar width
+    (default: on CUDA only); ``budget`` bounds the bytes of resident features plus stream
+    buffers (default :data:`BUDGET_SHARE` of the free memory). ``labels(split)`` are the
+    split's labels on the device (not counted: 8 bytes a row).
     """
 
     def __init__(self, data: ProbeData, device: torch.device, dtype: torch.dtype,
-                 group: bool | None = None):
+                 group: bool | None = None, budget: int | None = None):
         self.data, self.device, self.dtype = data, device, dtype
         self.group = device.type == "cuda" if group is None else group
+        self.budget = int(free_bytes(device) * BUDGET_SHARE) if budget is None else int(budget)
+        self._left = self.budget
+        self._reserve = 0  # bytes held back for stream blocks, once anything streams
+        self._upcast = True  # whether the current load keeps features in the arithmetic dtype
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
         self._stacks: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}  # -> (stack, index)
+        self._streamed: dict[tuple[str, str], int] = {}  # -> rows per read
         self._labels = {s: y.to(device) for s, y in data.labels.items()}
 
     @property
@@ -70,52 +127,185 @@ class FeatureCache:
         """(N,) int64 labels of ``split`` on the device."""
         return self._labels[split]
 
-    def _target_dtype(self, nbytes_wide: int, stored: torch.dtype) -> torch.dtype:
-        """The arithmetic dtype when the features fit in a third of the free memory in it,
-        else the stored dtype (upcast block by block)."""
-        return self.dtype if nbytes_wide < free_bytes(self.device) // 3 else stored
+    def streamed(self, split: str, layer: str) -> bool:
+        """Whether ``layer``'s features on ``split`` are read from the source every pass."""
+        return (split, layer) in self._streamed
 
-    def load(self, split: str, layers: Sequence[str]) -> None:
-        """Read and check the features of ``layers`` onto the device (stacked by width)."""
-        for group in width_groups({layer: self.data.dims[layer] for layer in layers}):
-            if not self.group or len(group) < 2:
-                for layer in group:
-                    self.features(split, layer)
-                continue
-            n = self.data.rows(split)
-            width = max(self.data.dims[layer] for layer in group)
-            first = self.data.read(split, group[0])
-            target = self._target_dtype(
-                len(group) * n * width * torch.finfo(self.dtype).bits // 8, first.dtype)
-            # zeros: a narrower layer's padding columns must add nothing to its logits
-            stack = torch.zeros(len(group), n, width, dtype=target, device=self.device)
-            i = 0
-            for layer in group:
-                src = first if layer == group[0] else self.data.read(split, layer)
-                if target != self.dtype and src.dtype != target:  # stored kept: never narrow
-                    self._resident[(split, layer)] = src.to(self.device)
+    # -- placement -------------------------------------------------------------------------
+    def load(self, splits: str | Sequence[str], layers: Sequence[str]) -> None:
+        """Place the features of ``layers`` on ``splits`` (in that order: what comes first
+        gets the budget first): read resident ones onto the device (stacked by width),
+        checked finite; plan the reads of streamed ones (checked as each pass reads them)."""
+        splits = [splits] if isinstance(splits, str) else list(splits)
+        todo = [(s, layer) for s in splits for layer in layers if not self._placed(s, layer)]
+        if not todo:
+            return
+        wide = sum(self.data.rows(s) * self.data.dims[layer] for s, layer in todo)
+        # upcast only when everything fits upcast: a budget is spent on rows, not precision
+        self._upcast = wide * _size(self.dtype) <= self._left
+        stored = sum(self.data.rows(s) * self.data.dims[layer]
+                     * _size(self.data.stored[layer]) for s, layer in todo)
+        if self._reserve == 0 and stored > self._left:
+            self._hold_back(todo)  # something will stream: keep room for its blocks
+        for split in splits:
+            mine = [layer for s, layer in todo if s == split]
+            for group in width_groups({layer: self.data.dims[layer] for layer in mine}):
+                if self.group and len(group) > 1 and self._stack(split, group):
                     continue
-                d = src.shape[1]
-                stack[i, :, :d].copy_(src)
-                self._resident[(split, layer)] = stack[i, :, :d]
-                self._stacks[(split, layer)] = (stack, i)
-                i += 1
+                # too large upcast: stack the layers stored alike (never narrow one)
+                alike: dict[torch.dtype, list[str]] = {}
+                for layer in group:
+                    alike.setdefault(self.data.stored[layer], []).append(layer)
+                for same in alike.values():
+                    if not (self.group and 1 < len(same) < len(group)
+                            and self._stack(split, same)):
+                        for layer in same:
+                            self._place(split, layer)
+
+    def _placed(self, split: str, layer: str) -> bool:
+        return (split, layer) in self._resident or (split, layer) in self._streamed
+
+    def _target(self, nbytes_wide: int, stored: torch.dtype) -> torch.dtype | None:
+        """The dtype to keep ``nbytes_wide`` bytes (arithmetic dtype) of features in: the
+        arithmetic one when all of a load fits in it, else the stored one when these fit,
+        else None (stream them)."""
+        if self._upcast and nbytes_wide <= self._left:
+            return self.dtype
+        if nbytes_wide // _size(self.dtype) * _size(stored) <= self._left:
+            return stored
+        return None
+
+    def _read_into(self, out: torch.Tensor, split: str, layer: str) -> None:
+        """Copy ``layer``'s rows into ``out`` (N, D_k) block by block: never a second whole
+        copy in memory."""
+        step = self.data.block_rows * max(1, STREAM_BLOCK_BYTES // max(
+            1, self.data.block_rows * self.data.dims[layer] * _size(self.data.stored[layer])))
+        n = out.shape[0]
+        for r0 in range(0, n, step):
+            out[r0 : r0 + step].copy_(self.data.read(split, layer, r0, min(r0 + step, n)))
+
+    def _place(self, split: str, layer: str) -> None:
+        n, d = self.data.rows(split), self.data.dims[layer]
+        target = self._target(n * d * _size(self.dtype), self.data.stored[layer])
+        if target is None:
+            self._streamed[(split, layer)] = self._stream_rows(layer, self._reserve)
+            return
+        x = torch.empty(n, d, dtype=target, device=self.device)
+        self._read_into(x, split, layer)
+        self._left -= x.numel() * x.element_size()
+        self._resident[(split, layer)] = x
+
+    def _stack(self, split: str, group: list[str]) -> bool:
+        """Stack ``group`` (resident, zero-padded to its widest) when it fits; else False."""
+        n = self.data.rows(split)
+        width = max(self.data.dims[layer] for layer in group)
+        stored = {self.data.stored[layer] for layer in group}
+        target = self._target(len(group) * n * width * _size(self.dtype),
+                              stored.pop() if len(stored) == 1 else self.dtype)
+        if target is None:
+            return False
+        # zeros: a narrower layer's padding columns must add nothing to its logits
+        stack = torch.zeros(len(group), n, width, dtype=target, device=self.device)
+        self._left -= stack.numel() * stack.element_size()
+        for i, layer in enumerate(group):
+            self._read_into(stack[i, :, : self.data.dims[layer]], split, layer)
+            self._resident[(split, layer)] = stack[i, :, : self.data.dims[layer]]
+            self._stacks[(split, layer)] = (stack, i)
+        return True
+
+    # -- streaming -------------------------------------------------------------------------
+    def _row_bytes(self, layer: str) -> int:
+        """Bytes a streamed row of ``layer`` holds: the blocks read ahead, the one in use
+        and the one being replaced (as stored), and the one in use in the arithmetic dtype."""
+        d = self.data.dims[layer]
+        return d * ((PREFETCH + 2) * _size(self.data.stored[layer]) + _size(self.dtype))
+
+    def _stream_rows(self, layer: str, room: int) -> int:
+        """Rows per read of a streamed ``layer``: whole chunks, as many as :data:
+        `STREAM_BLOCK_BYTES` (as stored) allows and ``room`` holds, at least one chunk."""
+        chunk = self.data.block_rows
+        chunks = STREAM_BLOCK_BYTES // (chunk * self.data.dims[layer]
+                                        * _size(self.data.stored[layer]))
+        return chunk * max(1, min(chunks, room // (chunk * self._row_bytes(layer))))
+
+    def _hold_back(self, todo: list[tuple[str, str]]) -> None:
+        """Keep room for the stream blocks of the widest layer that may stream."""
+        def one_block(key: tuple[str, str]) -> int:  # one chunk's rows, with read-ahead
+            return min(self.data.block_rows, self.data.rows(key[0])) * self._row_bytes(key[1])
+
+        split, widest = max(todo, key=one_block)
+        need = one_block((split, widest))
+        if need > self._left:
+            rows = min(self.data.block_rows, self.data.rows(split))
+            raise MemoryBudgetError(
+                f"max_memory={self.budget:,} bytes is too small to stream layer {widest!r} "
+                f"of split {split!r}: one block of its rows (rows 0-{rows - 1}, "
+                f"{rows} x {self.data.dims[widest]} "
+                f"{str(self.data.stored[widest]).removeprefix('torch.')}) needs {need:,} "
+                f"bytes with its read-ahead ({self._left:,} left); raise max_memory to at "
+                f"least {self.budget - self._left + need:,} bytes")
+        return_freed_memory()
+        rows = self._stream_rows(widest, self._left)
+        self._reserve = rows * self._row_bytes(widest)
+        self._left -= self._reserve
+
+    def _stream(self, split: str, layer: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, rows as stored)`` of ``layer`` on ``split``, read ahead on a thread."""
+        n, step = self.data.rows(split), self._streamed[(split, layer)]
+        ranges = [(a, min(a + step, n)) for a in range(0, n, step)]
+        pin = self.device.type == "cuda"
+
+        def read(a: int, b: int) -> torch.Tensor:
+            try:
+                x = self.data.read(split, layer, a, b)
+            except StoreError as e:  # e.g. a chunk corrupted since the solve began
+                raise type(e)(f"streaming rows [{a}, {b}) of layer {layer!r}, split "
+                              f"{split!r} for the solve: {e}") from e
+            return x.pin_memory() if pin else x
+
+        with ThreadPoolExecutor(1, thread_name_prefix="probe-engine-read") as pool:
+            ahead = deque(pool.submit(read, *r) for r in ranges[:PREFETCH])
+            try:
+                for i, (a, _) in enumerate(ranges):
+                    x = ahead.popleft().result()
+                    if i + PREFETCH < len(ranges):
+                        ahead.append(pool.submit(read, *ranges[i + PREFETCH]))
+                    yield a, x
+                    del x  # the next block may take its place
+            finally:
+                for f in ahead:  # the pass stopped early: no more reads
+                    f.cancel()
+
+    # -- the passes' view ------------------------------------------------------------------
+    def blocks(self, split: str, run: Sequence[str], rows: int
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, (L, B, D) block in the arithmetic dtype)`` over the rows of ``split``
+        for a run (:meth:`runs`), B <= ``rows``: views of resident features, or the reads of
+        a streamed layer (placed by :meth:`load` if it was not)."""
+        self.load(split, run)
+        if len(run) == 1 and self.streamed(split, run[0]):
+            for start, x in self._stream(split, run[0]):
+                x = x.to(self.device, non_blocking=True).to(self.dtype)
+                for r0 in range(0, x.shape[0], rows):
+                    yield start + r0, x[r0 : r0 + rows].unsqueeze(0)
+            return
+        x = self.run_features(split, run)
+        for r0 in range(0, x.shape[1], rows):
+            yield r0, x[:, r0 : r0 + rows].to(self.dtype)
 
     def features(self, split: str, layer: str) -> torch.Tensor:
-        """(N, D) features on the device: in the arithmetic dtype when that fits in a third
-        of the device's free memory, else as stored (upcast block by block)."""
-        key = (split, layer)
-        x = self._resident.get(key)
-        if x is None:
-            src = self.data.read(split, layer)
-            target = self._target_dtype(src.numel() * torch.finfo(self.dtype).bits // 8,
-                                        src.dtype)
-            x = self._resident[key] = src.to(self.device, target)
-        return x
+        """(N, D) resident features of ``layer`` on ``split`` (placed if they were not): in
+        the arithmetic dtype, or as stored when the budget holds only that. A streamed layer
+        has none: read it by :meth:`blocks`."""
+        self.load(split, [layer])
+        if self.streamed(split, layer):
+            raise MemoryBudgetError(f"layer {layer!r} of split {split!r} does not fit "
+                                    f"max_memory={self.budget:,} bytes: it is streamed")
+        return self._resident[(split, layer)]
 
     def stack_of(self, split: str, layer: str) -> tuple[torch.Tensor, int] | None:
         """``(stack (L, N, D), index)`` of the stack holding ``layer``'s features on
-        ``split``, or None when they are a tensor of their own."""
+        ``split``, or None when they are a tensor of their own (or streamed)."""
         return self._stacks.get((split, layer))
 
     def runs(self, split: str, by_layer: Mapping[str, Sequence]) -> list[list[str]]:
@@ -139,8 +329,8 @@ class FeatureCache:
         return runs
 
     def run_features(self, split: str, run: Sequence[str]) -> torch.Tensor:
-        """(L, N, D) features of a run (:meth:`runs`): its stack's rows, a view, narrower
-        layers zero-padded; a lone layer as (1, N, D_k)."""
+        """(L, N, D) resident features of a run (:meth:`runs`): its stack's rows, a view,
+        narrower layers zero-padded; a lone layer as (1, N, D_k)."""
         if len(run) == 1:
             return self.features(split, run[0]).unsqueeze(0)
         stack, first = self._stacks[(split, run[0])]

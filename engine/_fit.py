@@ -26,7 +26,8 @@ from .objective import Kernel, Point, ProbeObjective, Solution
 from .options import SolveOptions
 from .store import Store, open_store
 
-__all__ = ["ARITHMETIC", "check_splits", "fit_layers", "select", "solve_data", "solve_stored"]
+__all__ = ["ARITHMETIC", "backend_of", "check_splits", "fit_layers", "objective_for", "select",
+           "solve_data", "solve_stored"]
 
 #: solve dtype -> the arithmetic dtype of weights, sums and full-batch passes ("tf32":
 #: float32 with TF32 GEMMs on CUDA; "bfloat16": float32 with bfloat16 minibatch products)
@@ -83,33 +84,58 @@ def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
     return {layer: finished[layer] for layer in data.layers}
 
 
+def backend_of(options: SolveOptions) -> dict:
+    """How a solve with ``options`` computes here: device, kernel and matmul dtype (what
+    ``results.backends`` reports)."""
+    dev = resolve_device(options.device)
+    arith = ARITHMETIC[options.dtype]
+    low = torch.bfloat16 if options.dtype == "bfloat16" else None
+    tf32 = options.dtype == "tf32" and dev.type == "cuda"
+    return {"device": str(dev),
+            "kernel": "cuda" if uses_cuda_kernel(dev, low or arith) else "torch",
+            "matmul": "tf32" if tf32 else str(low or arith).removeprefix("torch.")}
+
+
+def objective_for(data: ProbeData, layers: Sequence[str], options: SolveOptions, *,
+                  kernel: str | Kernel = "auto", group: bool | None = None
+                  ) -> ProbeObjective:
+    """The objective of ``layers`` of ``data`` on ``options.device`` within
+    ``options.max_memory``, every split's features placed (resident ones read and checked
+    now, not after hours of fitting; train first, as every pass reads it; SGD streams
+    train itself)."""
+    dev = resolve_device(options.device)
+    features = FeatureCache(data, dev, ARITHMETIC[options.dtype], group, options.max_memory)
+    splits = sorted(data.splits, key=lambda s: s != "train")
+    if options.solver == "sgd":
+        splits.remove("train")
+    features.load(splits, layers)
+    return ProbeObjective(features, kernel=kernel,
+                          low=torch.bfloat16 if options.dtype == "bfloat16" else None)
+
+
 def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
                on_layer: Callable[[str, dict], None], *, progress: bool = False,
                started: float | None = None, kernel: str | Kernel = "auto",
-               group: bool | None = None, precondition: bool = True) -> None:
+               group: bool | None = None, precondition: bool = True,
+               objective: ProbeObjective | None = None, backend: dict | None = None) -> None:
     """Fit ``layers`` of ``data`` with ``options.solver``, all at once, and call
     ``on_layer(layer, record)`` (:func:`select`, plus ``seconds`` since ``started`` and the
-    ``backend``) as each layer finishes. Every split's features are read and checked first
-    (SGD streams train). ``kernel``, ``group`` (width stacking; default on CUDA) and
-    ``precondition`` (L-BFGS) are for tests and benchmarks."""
+    ``backend``) as each layer finishes. ``objective`` (default :func:`objective_for`) is
+    what the drivers evaluate: ``engine.schedule`` passes one whose passes run on row shards
+    over Dask workers (L-BFGS only). ``kernel``, ``group`` (width stacking; default on CUDA)
+    and ``precondition`` (L-BFGS) are for tests and benchmarks."""
     started = time.perf_counter() if started is None else started
-    dev = resolve_device(options.device)
-    arith = ARITHMETIC[options.dtype]
-    tf32 = options.dtype == "tf32" and dev.type == "cuda"
-    low = torch.bfloat16 if options.dtype == "bfloat16" else None
-    backend = {"device": str(dev),
-               "kernel": "cuda" if uses_cuda_kernel(dev, low or arith) else "torch",
-               "matmul": "tf32" if tf32 else str(low or arith).removeprefix("torch.")}
-    features = FeatureCache(data, dev, arith, group)
-    objective = ProbeObjective(features, kernel=kernel, low=low)
-    for split in data.splits:  # load and check now, not after hours of fitting
-        if split != "train" or options.solver == "lbfgs":  # sgd streams train
-            features.load(split, layers)
+    backend = backend_of(options) if backend is None else backend
+    if objective is None:
+        objective = objective_for(data, layers, options, kernel=kernel, group=group)
+    tf32 = backend["matmul"] == "tf32"
 
     def finished(layer: str, solutions: list[Solution]) -> None:
         record = select(objective, solutions)
         record["seconds"] = round(time.perf_counter() - started, 3)
-        record["backend"] = backend
+        # SGD reads train block by block every epoch, whatever the budget
+        record["backend"] = {**backend, "features": "streamed" if options.solver == "sgd"
+                             else objective.placement(layer)}
         on_layer(layer, record)
 
     precision = torch.get_float32_matmul_precision()
@@ -130,7 +156,7 @@ def select(objective: ProbeObjective, solutions: list[Solution]) -> dict:
     """The record of a finished layer: the metrics of every lambda's probe on every split,
     the chosen one (lowest validation top-1 error, then loss, then the larger lambda; train
     without a 'valid' split) first-class, and every lambda's summary in ``grid``."""
-    splits = objective.features.data.splits
+    splits = objective.splits
     metrics: dict[float, dict[str, dict]] = {}
     objectives: dict[float, float] = {}
     for split in splits:

@@ -251,14 +251,19 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
     a layer is done. Each round, every probe that needs a point is evaluated in one
     :meth:`ProbeObjective.evaluate` on "train". With ``precondition``, each probe's initial
     inverse Hessian is the low-rank curvature map of its layer (:mod:`engine._precond`)."""
-    features, c = objective.features, objective.num_classes
+    c, n = objective.num_classes, objective.rows("train")
     probes = []
     for layer in layers:
-        eig = (top_eigenpairs(features.features("train", layer), dtype=objective.dtype)
-               if precondition else None)
+        eig = None
+        if precondition:
+            def times(q: torch.Tensor, layer: str = layer) -> torch.Tensor:
+                return objective.moment_sums("train", layer, q).div_(n)
+
+            eig = top_eigenpairs(times, objective.dims[layer], dtype=objective.dtype,
+                                 device=objective.device)
         for l2 in grid:
             pre = LowRankPreconditioner(*eig, l2, c) if eig else None
-            x0 = torch.zeros(features.data.dims[layer] + 1, c, dtype=objective.dtype,
+            x0 = torch.zeros(objective.dims[layer] + 1, c, dtype=objective.dtype,
                              device=objective.device)
             probes.append(_Probe(layer, l2, LBFGSState(x0, precond=pre)))
 

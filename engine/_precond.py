@@ -18,6 +18,8 @@ Nystrom-preconditioning idea of Frangella, Tropp & Udell (2023) applied to L-BFG
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 RANK = 100  # eigenpairs kept; what rank buys: docs/solve.md, Preconditioning
@@ -26,39 +28,43 @@ POWER_ITERATIONS = 2
 _BLOCK_ROWS = 8192
 
 
-def _second_moment_times(x: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``E[x~ x~^T] q`` for x~ = [x, 1], without forming the (D+1, D+1) matrix.
+def moment_of(x: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``q -> E[x~ x~^T] q`` for x~ = [x, 1] of features x (N, D) in memory (any float
+    dtype, upcast to ``dtype`` block by block): :func:`top_eigenpairs`' ``times``."""
+    def times(q: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        out = torch.zeros_like(q)
+        for r0 in range(0, n, _BLOCK_ROWS):
+            xb = x[r0 : r0 + _BLOCK_ROWS].to(dtype)
+            z = torch.addmm(q[d], xb, q[:d])  # (B, l)
+            out[:d].addmm_(xb.T, z)  # X^T Z: MKL's fast orientation for a thin Z
+            out[d] += z.sum(dim=0)
+        return out.div_(n)
 
-    x: (N, D) features (any float dtype, read block by block); q: (D+1, l). Returns (D+1, l).
-    """
-    n, d = x.shape
-    out = torch.zeros_like(q)
-    for r0 in range(0, n, _BLOCK_ROWS):
-        xb = x[r0 : r0 + _BLOCK_ROWS].to(dtype)
-        z = torch.addmm(q[d], xb, q[:d])  # (B, l)
-        out[:d].addmm_(xb.T, z)  # X^T Z: MKL's fast orientation for a thin Z
-        out[d] += z.sum(dim=0)
-    return out.div_(n)
+    return times
 
 
-def top_eigenpairs(x: torch.Tensor, rank: int = RANK, *, dtype: torch.dtype = torch.float32,
+def top_eigenpairs(times: Callable[[torch.Tensor], torch.Tensor], d: int, rank: int = RANK,
+                   *, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``rank`` largest eigenpairs of the second moment of ``[x, 1]``.
+    """The ``rank`` largest eigenpairs of M, the second moment of ``[x, 1]``.
 
-    x: (N, D) features. Returns ``(U (D+1, r), eigenvalues (r,))``, descending, with
-    ``r = min(rank, D+1)``. Exact (one (D+1)^2 product) when D+1 is no wider than the sketch.
+    ``times(q)``: ``M q`` for q (D+1, l) (a pass over the features of width ``d``, on
+    ``device``, in ``dtype``). Returns ``(U (D+1, r), eigenvalues (r,))``, descending, with
+    ``r = min(rank, D+1)``. Exact (one (D+1)^2 product) when D+1 is no wider than the sketch;
+    else ``POWER_ITERATIONS + 2`` passes.
     """
-    n, d = x.shape
     width = min(rank + OVERSAMPLE, d + 1)
     if width == d + 1:  # small layer: the whole matrix costs no more than a sketch
-        m = _second_moment_times(x, torch.eye(d + 1, dtype=dtype, device=x.device), dtype)
+        m = times(torch.eye(d + 1, dtype=dtype, device=device))
         ev, u = torch.linalg.eigh(0.5 * (m + m.T))
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        q = torch.randn(d + 1, width, generator=gen, dtype=dtype).to(x.device)
+        q = torch.randn(d + 1, width, generator=gen, dtype=dtype).to(device)
         for _ in range(POWER_ITERATIONS + 1):
-            q = torch.linalg.qr(_second_moment_times(x, q, dtype)).Q
-        t = q.T @ _second_moment_times(x, q, dtype)  # (l, l) Rayleigh-Ritz
+            q = torch.linalg.qr(times(q)).Q
+        t = q.T @ times(q)  # (l, l) Rayleigh-Ritz
         ev, v = torch.linalg.eigh(0.5 * (t + t.T))
         u = q @ v
     ev, u = ev.flip(0)[:rank].clamp_(min=0.0), u.flip(1)[:, :rank].contiguous()

@@ -47,7 +47,12 @@ class ProbeData:
     num_classes: int
     layers: list[str]
     info: dict[str, dict] = field(default_factory=dict)
-    block_rows: int = DEFAULT_BLOCK_ROWS  # rows per read when streaming
+    block_rows: int = DEFAULT_BLOCK_ROWS  # rows per read when streaming (a store: its chunk)
+    stored: dict[str, torch.dtype] = field(default_factory=dict)  # dtype a read returns
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            self.stored.setdefault(layer, torch.float32)
 
     @property
     def splits(self) -> list[str]:
@@ -91,8 +96,11 @@ class ProbeData:
         info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
                 for layer in chosen}
         dims = {layer: info[layer]["dim"] for layer in chosen}
+        # what Store.read returns: float16 or float32 (bfloat16 stores decode to float32)
+        stored = {layer: torch.float16 if store.dtype == "float16" else torch.float32
+                  for layer in chosen}
         return _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
-                        store.block_rows)
+                        store.block_rows, stored)
 
     @classmethod
     def from_arrays(cls, source: Mapping, labels: Any, layers: list[str] | None
@@ -129,11 +137,21 @@ class ProbeData:
                     raise DataError(f"layer {layer!r} has {dims[layer]} features on one "
                                     f"split and {shape[1]} on {split!r}")
         info = {layer: {"site": "", "dim": dims[layer], "reduction": ""} for layer in chosen}
+        stored = {layer: _dtype_of(by_split["train"][layer]) for layer in chosen}
 
         def reader(split: str, layer: str, start: int, stop: int):
             return by_split[split][layer][start:stop]
 
-        return _checked(reader, dims, y, chosen, info, None, DEFAULT_BLOCK_ROWS)
+        return _checked(reader, dims, y, chosen, info, None, DEFAULT_BLOCK_ROWS, stored)
+
+
+def _dtype_of(x: Any) -> torch.dtype:
+    """The torch dtype a read of array ``x`` gives (float32 for what is not a float)."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype if x.is_floating_point() else torch.float32
+    kind = np.dtype(x.dtype)
+    return {np.dtype("float16"): torch.float16, np.dtype("float64"): torch.float64}.get(
+        kind, torch.float32)
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -152,7 +170,8 @@ def _as_labels(y: Any, split: str) -> torch.Tensor:
     return _as_tensor(y)
 
 
-def _checked(reader, dims, labels, layers, info, num_classes, block_rows) -> ProbeData:
+def _checked(reader, dims, labels, layers, info, num_classes, block_rows, stored
+             ) -> ProbeData:
     for split, y in labels.items():
         if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise DataError(f"labels of split {split!r} must be (N,) integers, got "
@@ -181,7 +200,7 @@ def _checked(reader, dims, labels, layers, info, num_classes, block_rows) -> Pro
             # stacklevel: _checked <- ProbeData.from_* <- the caller's caller (engine.solve)
             warnings.warn(f"split {split!r} has classes never seen in train: {unseen[:10]}; "
                           f"their rows count as errors", ProbeEngineWarning, stacklevel=4)
-    return ProbeData(reader, dims, labels, c, list(layers), info, block_rows)
+    return ProbeData(reader, dims, labels, c, list(layers), info, block_rows, stored)
 
 
 def _check_finite(x: torch.Tensor, layer: str, split: str, offset: int = 0) -> None:

@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "DatasetNotFoundError",
     "InvalidArgumentError",
+    "MemoryBudgetError",
     "LabelNotFoundError",
     "LayerNotFoundError",
     "NonFiniteError",
@@ -104,6 +105,10 @@ class ReductionError(ProbeEngineError, ValueError):
 
 class ReportError(ProbeEngineError, OSError):
     """The report folder cannot be written."""
+
+
+class MemoryBudgetError(ProbeEngineError, MemoryError):
+    """A memory budget (``max_memory=``) too small for the smallest unit of work."""
 
 
 class InvalidArgumentError(ProbeEngineError, ValueError, TypeError):

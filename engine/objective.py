@@ -38,12 +38,15 @@ from .errors import InvalidArgumentError
 from .kernels import softmax_xent
 from .kernels.reference import softmax_xent as reference_softmax_xent
 
-__all__ = ["BLOCK_BYTES", "Kernel", "Point", "ProbeObjective", "Solution", "Value",
+__all__ = ["BLOCK_BYTES", "Kernel", "Partial", "Point", "ProbeObjective", "Solution", "Value",
            "kernel_function"]
 
 #: bytes of the logits of one block of rows, all probes of a run: the rows per block of a
 #: full-batch pass
 BLOCK_BYTES = 64 << 20
+
+#: rows per block of the preconditioner's products
+MOMENT_ROWS = 8192
 
 #: a softmax-cross-entropy kernel: the signature of engine.kernels.reference.softmax_xent
 Kernel = Callable[..., tuple]
@@ -56,6 +59,18 @@ class Point(NamedTuple):
     layer: str
     l2: float
     theta: torch.Tensor
+
+
+class Partial(NamedTuple):
+    """Sums of one probe over some rows of a split (all of them, or a shard's): ``loss``
+    the cross-entropy sum (float64), ``top1`` / ``top5`` the hits, ``gradient`` the
+    unpenalised dL/dtheta contribution ((D+1, C), already scaled by 1 / N of the whole
+    split; None when not asked for). Shards' partials add up to the split's."""
+
+    loss: float
+    top1: int
+    top5: int
+    gradient: torch.Tensor | None
 
 
 class Value(NamedTuple):
@@ -185,23 +200,48 @@ class ProbeObjective:
         return out
 
     # -- full-batch passes -----------------------------------------------------------------
+    @property
+    def dims(self) -> dict[str, int]:
+        """Layer -> its width D."""
+        return self.features.data.dims
+
+    @property
+    def splits(self) -> list[str]:
+        return self.features.data.splits
+
+    def rows(self, split: str) -> int:
+        return self.features.data.rows(split)
+
+    def placement(self, layer: str) -> str:
+        """Where the passes read ``layer``'s train features: "resident" or "streamed"."""
+        return "streamed" if self.features.streamed("train", layer) else "resident"
+
     def evaluate(self, split: str, points: Sequence[Point], *, grad: bool) -> list[Value]:
         """:class:`Value` of each point on ``split``: one pass over each layer's rows,
         shared by all of the layer's points, and by the layers of a stacked run."""
+        n = self.rows(split)
+        return self.finish(points, self.partials(split, points, grad=grad, n=n), n)
+
+    def partials(self, split: str, points: Sequence[Point], *, grad: bool, n: int
+                 ) -> list[Partial]:
+        """:class:`Partial` sums of each point over this objective's rows of ``split``,
+        gradients scaled by 1 / ``n`` (``n``: the rows of the whole split, of which these
+        may be a shard): sums over shards add up to the whole split's."""
         out: list = [None] * len(points)
         by_layer: dict[str, list[int]] = {}
         for i, point in enumerate(points):
             by_layer.setdefault(point.layer, []).append(i)
         for run in self.features.runs(split, by_layer):
-            self._evaluate_run(split, run, by_layer, points, out, grad)
+            self._run_partials(split, run, by_layer, points, out, grad, n)
         return out
 
-    def _evaluate_run(self, split: str, run: list[str], by_layer: dict[str, list[int]],
-                      points: Sequence[Point], out: list, grad: bool) -> None:
+    def _run_partials(self, split: str, run: list[str], by_layer: dict[str, list[int]],
+                      points: Sequence[Point], out: list, grad: bool, n: int) -> None:
         y = self.features.labels(split)
-        n, c = y.shape[0], self.num_classes
-        x = self.features.run_features(split, run)  # (L, N, D)
-        nl, d, k = len(run), x.shape[2], len(by_layer[run[0]])
+        c, d = self.num_classes, max(self.dims[layer] for layer in run)
+        if len(run) > 1:  # a stack: as wide as its widest layer
+            d = self.features.run_features(split, run).shape[2]
+        nl, k = len(run), len(by_layer[run[0]])
         thetas = [torch.stack([points[i].theta for i in by_layer[layer]], dim=1)
                   for layer in run]  # L x (D_j+1, K, C)
         dtype = thetas[0].dtype
@@ -214,9 +254,8 @@ class ProbeObjective:
         top1 = torch.zeros(nl, k, dtype=torch.int64, device=self.device)
         top5 = torch.zeros_like(top1)
         rows = max(256, self.block_bytes // (nl * width * wt.element_size()))
-        for r0 in range(0, n, rows):
-            yb = y[r0 : r0 + rows]
-            xb = x[:, r0 : r0 + rows].to(self.dtype)  # (L, B, D)
+        for r0, xb in self.features.blocks(split, run, rows):  # xb (L, B, D)
+            yb = y[r0 : r0 + xb.shape[1]]
             z = self.logits(xb, wt, b)  # (L, B, width)
             for j, (ls, t1, t5) in enumerate(self.softmax_xent(z, k, yb, 1.0 / n, grad)):
                 loss[j] += ls.double()
@@ -229,19 +268,51 @@ class ProbeObjective:
                 else:
                     gw.baddbmm_(xb.transpose(1, 2), z)
                 gb += self.bias_gradient(z)
-        loss, top1, top5 = (loss / n).tolist(), top1.tolist(), top5.tolist()
+        loss, top1, top5 = loss.tolist(), top1.tolist(), top5.tolist()
         for j, layer in enumerate(run):
             dj = thetas[j].shape[0] - 1
-            at = by_layer[layer]
-            if grad:  # (D_j+1, K, C): the layer's own rows of X^T dZ, then the bias row
-                g = torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
-                l2 = self.strengths([points[i].l2 for i in at], dtype)
-                self.penalty_gradient(g[:dj], thetas[j][:dj], l2)
+            g = (torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
+                 if grad else None)  # (D_j+1, K, C): the layer's rows of X^T dZ, the bias row
+            for m, i in enumerate(by_layer[layer]):
+                out[i] = Partial(loss[j][m], top1[j][m], top5[j][m],
+                                 g[:, m] if grad else None)
+
+    def finish(self, points: Sequence[Point], partials: Sequence[Partial], n: int
+               ) -> list[Value]:
+        """Each point's :class:`Value` from its partial sums over all ``n`` rows of a split:
+        the means, and the penalty added to the objective and the gradient."""
+        out: list = [None] * len(points)
+        by_layer: dict[str, list[int]] = {}
+        for i, point in enumerate(points):
+            by_layer.setdefault(point.layer, []).append(i)
+        for layer, at in by_layer.items():
+            dj = self.dims[layer]
+            grad = partials[at[0]].gradient is not None
+            if grad:  # (D+1, K, C), the penalty of the K probes added at once
+                g = torch.stack([partials[i].gradient for i in at], dim=1)
+                theta = torch.stack([points[i].theta for i in at], dim=1)
+                l2 = self.strengths([points[i].l2 for i in at], g.dtype)
+                self.penalty_gradient(g[:dj], theta[:dj], l2)
             for m, i in enumerate(at):
-                point = points[i]
-                out[i] = Value(loss[j][m], loss[j][m] + self.penalty(point.theta[:dj], point.l2),
+                point, part = points[i], partials[i]
+                loss = part.loss / n
+                out[i] = Value(loss, loss + self.penalty(point.theta[:dj], point.l2),
                                g[:, m].clone() if grad else None,
-                               1.0 - top1[j][m] / n, 1.0 - top5[j][m] / n)
+                               1.0 - part.top1 / n, 1.0 - part.top5 / n)
+        return out
+
+    def moment_sums(self, split: str, layer: str, q: torch.Tensor) -> torch.Tensor:
+        """``sum_i x~_i x~_i^T q`` over this objective's rows of ``split``, x~ = [x, 1]
+        the features of ``layer`` with a bias column: q (D+1, l) -> (D+1, l), without
+        forming the (D+1, D+1) matrix (the preconditioner's products)."""
+        d = self.dims[layer]
+        out = torch.zeros_like(q)
+        for _, xb in self.features.blocks(split, [layer], MOMENT_ROWS):
+            xb = xb[0].to(q.dtype)
+            z = torch.addmm(q[d], xb, q[:d])  # (B, l)
+            out[:d].addmm_(xb.T, z)  # X^T Z: MKL's fast orientation for a thin Z
+            out[d] += z.sum(dim=0)
+        return out
 
     # -- minibatches -----------------------------------------------------------------------
     def minibatch_gradient(self, x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor,

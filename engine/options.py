@@ -187,18 +187,33 @@ def _cli_valid_size(text: str) -> str | int | float:
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-def _cli_bytes(text: str) -> int:
-    """``67108864``, ``64M``, ``512k``, ``1G``."""
+def parse_bytes(text: str) -> int | None:
+    """``67108864``, ``64M``, ``512k``, ``1G``, ``1.5GiB`` -> bytes; None if not a size."""
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in _UNITS else ""
     try:
-        value = int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
+        return int(float(t[: len(t) - len(unit)]) * _UNITS[unit])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give bytes, e.g. 67108864 or 64M") \
-            from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give at least 1 byte")
+        return None
+
+
+def _cli_bytes(text: str) -> int:
+    value = parse_bytes(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes of at least 1, e.g. 67108864 "
+                                         f"or 64M")
     return value
+
+
+def _memory(value: Any, name: str) -> int | None:
+    """None (the default share of free memory), bytes, or a size like '4G'."""
+    if isinstance(value, str):
+        size = parse_bytes(value)
+        if size is None or size < 1:
+            raise InvalidArgumentError(f"{name} must be bytes (an integer) or a size like "
+                                       f"'512M' or '4G', not {value!r}")
+        return size
+    return optional_positive(value, name)
 
 
 def cli_positive(text: str) -> int:
@@ -373,6 +388,14 @@ class SolveOptions(Options):
                       "finishes it)", check=_run_name)
     allow_partial: bool = option(False, "solve an incomplete store on its committed rows",
                                  check=flag)
+    max_memory: int | None = option(
+        None, "bytes of features one process keeps (resident features plus stream buffers); "
+        "a layer that does not fit is streamed from the store every pass; default: half "
+        "the device's free memory", check=_memory, cli={"type": _cli_bytes, "metavar": "BYTES"})
+    shard: str = option("auto", "with a client: 'layers' (a task per layer), 'rows' (every "
+                        "layer's rows split over the workers) or 'auto' (rows for layers "
+                        "larger than max_memory)",
+                        check=_one_of(("auto", "layers", "rows"), "'auto', 'layers' or 'rows'"))
     lbfgs: LBFGSOptions = field(default_factory=LBFGSOptions)
     sgd: SGDOptions = field(default_factory=SGDOptions)
 

@@ -23,7 +23,8 @@ class ProbeResults:
     ``table``: one row per (layer, split) for the chosen lambda of each layer, columns
     :data:`COLUMNS`. ``grid``: every lambda tried, one row per (layer, l2). ``weights``:
     layer -> (W (D, C) float32, b (C,) float32). ``backends``: layer -> the device, the
-    loss / gradient kernel and the matmul precision it was solved with.
+    loss / gradient kernel and the matmul precision it was solved with, and where its
+    features were (resident, streamed, or row shards on Dask workers).
     """
 
     table: pd.DataFrame
@@ -32,7 +33,8 @@ class ProbeResults:
     config: dict = field(default_factory=dict)
     run: str | None = None
     path: str | None = None
-    #: layer -> how it was solved: {"device", "kernel" ("cuda" fused or "torch"), "matmul"}
+    #: layer -> how it was solved: {"device", "kernel" ("cuda" fused or "torch"), "matmul",
+    #: "features" ("resident", "streamed" from the store every pass, or "rows over N shards")}
     backends: dict[str, dict] = field(default_factory=dict)
 
     @classmethod

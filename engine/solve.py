@@ -52,6 +52,8 @@ def solve(
     dtype: str = "float32",
     run: str = "default",
     allow_partial: bool = False,
+    max_memory: int | str | None = None,
+    shard: str = "auto",
     progress: bool = True,
     client: Any = None,
 ) -> ProbeResults:
@@ -99,7 +101,7 @@ def solve(
         label=label, solver=solver, l2=l2, max_iter=max_iter, tol=tol,
         early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, run=run,
-        allow_partial=allow_partial)
+        allow_partial=allow_partial, max_memory=max_memory, shard=shard)
     resolve_device(options.device)  # a device that does not exist: refused before any read
     t_start = time.perf_counter()
 

@@ -20,6 +20,7 @@ BUILTIN = {
     E.InvalidArgumentError: ValueError,
     E.RunNotFoundError: KeyError,
     E.ReportError: OSError,
+    E.MemoryBudgetError: MemoryError,
 }
 
 

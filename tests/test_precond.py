@@ -9,7 +9,7 @@ import torch
 
 import engine
 from engine import _fit
-from engine._precond import RANK, LowRankPreconditioner, top_eigenpairs
+from engine._precond import RANK, LowRankPreconditioner, moment_of, top_eigenpairs
 from engine._sources import ProbeData
 from engine.options import SolveOptions
 
@@ -29,9 +29,14 @@ def correlated(n: int, d: int, *, seed: int, decay: float = 0.9) -> torch.Tensor
     return (x + 3.0).float()
 
 
+def eig(x: torch.Tensor, dtype: torch.dtype = torch.float32, **kw):
+    """top_eigenpairs of features x in memory."""
+    return top_eigenpairs(moment_of(x, dtype), x.shape[1], dtype=dtype, **kw)
+
+
 def test_small_layers_get_the_exact_eigendecomposition():
     x = correlated(500, 40, seed=0)
-    u, ev = top_eigenpairs(x, dtype=torch.float64)
+    u, ev = eig(x, dtype=torch.float64)
     ref_ev, ref_u = torch.linalg.eigh(second_moment(x))
     assert u.shape == (41, 41) and ev.shape == (41,)
     assert torch.all(ev[:-1] >= ev[1:])  # descending
@@ -43,27 +48,27 @@ def test_small_layers_get_the_exact_eigendecomposition():
 
 def test_wide_layers_get_the_top_of_the_spectrum_by_sketching():
     x = correlated(2000, 400, seed=1, decay=0.8)
-    u, ev = top_eigenpairs(x, rank=20)
+    u, ev = eig(x, rank=20)
     assert u.shape == (401, 20) and ev.shape == (20,)
     ref = torch.linalg.eigvalsh(second_moment(x)).flip(0)[:20]
     torch.testing.assert_close(ev.double(), ref, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(u.T @ u, torch.eye(20), atol=1e-4, rtol=0)
     # the same seed gives the same preconditioner
-    u2, ev2 = top_eigenpairs(x, rank=20)
+    u2, ev2 = eig(x, rank=20)
     assert torch.equal(u, u2) and torch.equal(ev, ev2)
 
 
 def test_half_precision_features_are_upcast_block_by_block():
     x = correlated(300, 200, seed=2)
-    _, ev32 = top_eigenpairs(x, rank=10)
-    _, ev16 = top_eigenpairs(x.half(), rank=10)
+    _, ev32 = eig(x, rank=10)
+    _, ev16 = eig(x.half(), rank=10)
     torch.testing.assert_close(ev16, ev32, rtol=2e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [5, 41])  # a tail, and the whole space
 def test_the_preconditioner_is_the_documented_matrix(rank):
     x = correlated(400, 40, seed=3)
-    u, ev = top_eigenpairs(x, rank=rank, dtype=torch.float64)
+    u, ev = eig(x, rank=rank, dtype=torch.float64)
     lam, classes = 1e-3, 7
     pre = LowRankPreconditioner(u, ev, lam, classes)
     h = (1 / classes) * (1 - 1 / classes)
@@ -82,7 +87,7 @@ def test_the_preconditioner_is_the_documented_matrix(rank):
 def test_no_penalty_on_low_rank_features_stays_bounded():
     x = torch.zeros(50, 30)
     x[:, :3] = torch.randn(50, 3)  # rank 3 (4 with the bias column) in 31 dimensions
-    u, ev = top_eigenpairs(x, rank=31)
+    u, ev = eig(x, rank=31)
     pre = LowRankPreconditioner(u, ev, 0.0, 5)
     out = pre(torch.randn(31, 5))
     assert torch.isfinite(out).all()

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import engine
-from engine import _features, _fit
+from engine import _fit
 from engine._features import FeatureCache, width_groups
 from engine._sources import ProbeData
 from engine.objective import Point, ProbeObjective
@@ -324,14 +324,16 @@ def test_layers_of_similar_width_share_a_zero_padded_stack():
                                                             rel=1e-6)
 
 
-def test_a_stack_kept_as_stored_never_narrows_a_wider_layer(monkeypatch):
-    monkeypatch.setattr(_features, "free_bytes", lambda device: 0)  # nothing fits upcast
+def test_a_stack_kept_as_stored_never_narrows_a_wider_layer():
     rng = np.random.default_rng(3)
     y = rng.permutation(np.arange(200) % 4)
     xs = {"a": rng.normal(size=(200, 12)).astype(np.float16),
           "b": rng.normal(size=(200, 12)).astype(np.float32),
           "c": rng.normal(size=(200, 12)).astype(np.float16)}
-    cache = _cache(xs, y, group=True)
+    data = ProbeData.from_arrays(xs, y, None)
+    stored = 200 * 12 * (2 + 4 + 2)  # the budget holds them as stored, not upcast
+    cache = FeatureCache(data, torch.device("cpu"), torch.float32, group=True, budget=stored)
+    cache.load("train", data.layers)
     assert cache.features("train", "b").dtype == torch.float32  # its own tensor, not narrowed
     np.testing.assert_array_equal(cache.features("train", "b").numpy(), xs["b"])
     stack, i = cache.stack_of("train", "c")
@@ -350,7 +352,8 @@ def test_grouped_and_ungrouped_solves_reach_the_same_optimum():
 
 def test_results_say_how_each_layer_was_solved(store):
     res = solve(store, layers=["1"], l2=1e-3, dtype="tf32", run="how")
-    assert res.backends == {"1": {"device": "cpu", "kernel": "torch", "matmul": "float32"}}
+    assert res.backends == {"1": {"device": "cpu", "kernel": "torch", "matmul": "float32",
+                                  "features": "resident"}}
     assert engine.load_results(store.path, run="how").backends == res.backends
     res = solve({"a": np.eye(4, dtype=np.float32)}, labels=np.arange(4) % 2, l2=0.1,
                 dtype="float64")
@@ -368,7 +371,7 @@ def test_gpu_solve_matches_the_cpu_solve(dtype, rel):
     for layer, x in xs.items():
         assert gpu.backends[layer] == {
             "device": "cuda:0", "kernel": "cuda" if kernels.cuda.available() else "torch",
-            "matmul": "tf32" if dtype == "tf32" else "float32"}
+            "matmul": "tf32" if dtype == "tf32" else "float32", "features": "resident"}
         f_cpu = objective(x, y, *cpu.weights[layer], 1e-3)
         f_gpu = objective(x, y, *gpu.weights[layer], 1e-3)
         assert f_gpu == pytest.approx(f_cpu, rel=rel)
@@ -883,7 +886,8 @@ def test_sgd_with_bfloat16_products_matches_float32_and_says_so(monkeypatch):
     products.clear()
     low = engine.solve(feats, dtype="bfloat16", **kw)
     assert set(products) == {torch.bfloat16}  # the minibatch gradients' products
-    assert low.backends["a"] == {"device": "cpu", "kernel": "torch", "matmul": "bfloat16"}
+    assert low.backends["a"] == {"device": "cpu", "kernel": "torch", "matmul": "bfloat16",
+                                 "features": "streamed"}
     assert low.weights["a"][0].dtype == np.float32
     assert not np.array_equal(low.weights["a"][0], full.weights["a"][0])
     np.testing.assert_allclose(low.weights["a"][0], full.weights["a"][0], atol=0.05)
