@@ -259,7 +259,8 @@ class FeatureCache:
             try:
                 x = self.data.read(split, layer, a, b)
             except StoreError as e:  # e.g. a chunk corrupted since the solve began
-                raise type(e)(f"streaming rows [{a}, {b}) of layer {layer!r}, split "
+                at = self.data.offset
+                raise type(e)(f"streaming rows [{at + a}, {at + b}) of layer {layer!r}, split "
                               f"{split!r} for the solve: {e}") from e
             return x.pin_memory() if pin else x
 

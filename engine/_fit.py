@@ -62,10 +62,14 @@ def solve_stored(path: str, layers: list[str], options: SolveOptions, *,
 
 
 def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
-               progress: bool = False, started: float | None = None) -> dict[str, dict]:
+               progress: bool = False, started: float | None = None,
+               objective: Callable[[list[str]], ProbeObjective] | None = None,
+               backend: dict | None = None) -> dict[str, dict]:
     """Fit every layer of ``data``; with a ``store``, into its run ``options.run``: layers
     saved there are skipped and each layer is saved as it finishes. Returns the records of
-    ``data.layers``; ``started`` (perf_counter) is when the solve began."""
+    ``data.layers``; ``started`` (perf_counter) is when the solve began. ``objective``
+    (layers to fit -> their objective) and ``backend`` replace :func:`fit_layers`'
+    defaults (``engine.schedule``'s row-parallel solves)."""
     started = time.perf_counter() if started is None else started
     done: dict[str, dict] = {}
     if store is not None:
@@ -80,7 +84,8 @@ def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
 
     todo = [layer for layer in data.layers if layer not in done]
     if todo:
-        fit_layers(data, todo, options, on_layer, progress=progress, started=started)
+        fit_layers(data, todo, options, on_layer, progress=progress, started=started,
+                   objective=objective(todo) if objective else None, backend=backend)
     return {layer: finished[layer] for layer in data.layers}
 
 

@@ -5,7 +5,10 @@ Every probe keeps its own parameters, history, step and convergence test
 (:class:`LBFGSState`); the driver (:func:`fit`) evaluates the objective of every probe that
 asks for a point in one pass over the data. That is the whole trick of the batched solver:
 the arithmetic per probe is cheap (vectors of (D+1)*C numbers), the data pass is what costs,
-and it is shared.
+and it is shared. Every pass serves each unfinished probe's next request, a line-search trial
+or the first step of its next iteration, so no probe waits for another's line search: a
+solve costs about as many passes as its slowest probe needs evaluations (a pass over row
+shards on Dask workers is a round trip, and an out-of-core pass a read of the store).
 
 The line search follows Nocedal & Wright, *Numerical Optimization* (2nd ed.), algorithms 3.5
 (bracketing) and 3.6 (zoom), with safeguarded cubic interpolation.
@@ -272,7 +275,9 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
         p.state.f, p.state.g = v.objective, v.gradient
     pending = set(layers)
     bar = tqdm(total=len(probes), unit="probe", disable=not progress, desc="solve")
-    iterations = 0
+    for p in probes:
+        p.state.start_iteration()
+    passes = 0
     while True:
         active = [p for p in probes if not p.state.done]
         for layer in sorted(pending - {p.layer for p in active}):
@@ -280,25 +285,21 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
             on_layer(layer, [p.solution() for p in probes if p.layer == layer])
         if not active:
             break
-        for p in active:
-            p.state.start_iteration()
-        searching = active
-        while searching:
-            values = objective.evaluate("train", [p.point(p.state.trial()) for p in searching],
-                                        grad=True)
-            still = []
-            for p, v in zip(searching, values, strict=True):
-                st = p.state
-                st.evaluations += 1
-                status = st.search.observe(v.objective, _dot(v.gradient, st.d), v.gradient)
-                if status == "accept":
-                    st.finish_iteration(st.search.accepted, options.tol, options.max_iter)
-                elif status == "fail":
-                    st.fail(options.tol)
-                else:
-                    still.append(p)
-            searching = still
-        iterations += 1
+        values = objective.evaluate("train", [p.point(p.state.trial()) for p in active],
+                                    grad=True)
+        for p, v in zip(active, values, strict=True):
+            st = p.state
+            st.evaluations += 1
+            status = st.search.observe(v.objective, _dot(v.gradient, st.d), v.gradient)
+            if status == "accept":
+                st.finish_iteration(st.search.accepted, options.tol, options.max_iter)
+            elif status == "fail":
+                st.fail(options.tol)
+            else:
+                continue
+            if not st.done:  # its next iteration rides the next pass: nobody waits
+                st.start_iteration()
+        passes += 1
         bar.n = sum(p.state.done for p in probes)
-        bar.set_postfix_str(f"iteration {iterations}", refresh=True)
+        bar.set_postfix_str(f"pass {passes}", refresh=True)
     bar.close()

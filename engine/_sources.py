@@ -49,6 +49,7 @@ class ProbeData:
     info: dict[str, dict] = field(default_factory=dict)
     block_rows: int = DEFAULT_BLOCK_ROWS  # rows per read when streaming (a store: its chunk)
     stored: dict[str, torch.dtype] = field(default_factory=dict)  # dtype a read returns
+    offset: int = 0  # a row shard's first row in its split (errors name rows of the split)
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -69,8 +70,20 @@ class ProbeData:
         if not x.is_floating_point():
             raise DataError(f"layer {layer!r}, split {split!r}: features are {x.dtype}, not "
                             f"floating point")
-        _check_finite(x, layer, split, start)
+        _check_finite(x, layer, split, self.offset + start)
         return x
+
+    def shard(self, split: str, start: int, stop: int) -> ProbeData:
+        """Rows [start, stop) of ``split`` alone: a row shard, read from the same source
+        (row 0 of the shard is row ``start`` of the split)."""
+        reader = self.reader
+
+        def read(s: str, layer: str, a: int, b: int):
+            return reader(s, layer, start + a, start + b)
+
+        return ProbeData(read, self.dims, {split: self.labels[split][start:stop]},
+                         self.num_classes, self.layers, self.info, self.block_rows,
+                         self.stored, self.offset + start)
 
     @classmethod
     def from_store(cls, store: Store, layers: list[str] | None, label: str,

@@ -21,18 +21,27 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from . import format as fmt
-from ._fit import solve_stored
+from ._features import BUDGET_SHARE, FeatureCache, free_bytes
+from ._fit import ARITHMETIC, backend_of, objective_for, solve_data, solve_stored
+from ._sources import ProbeData
 from ._writer import Block, CaptureJob, write_rows
 from .capture import Runner
-from .errors import ProbeEngineError
+from .errors import InvalidArgumentError, ProbeEngineError
+from .objective import Partial, Point, ProbeObjective
 from .options import SolveOptions
+from .store import Store, open_store
 
-__all__ = ["cluster", "solve_on", "build_on", "remove_markers", "RETRIES", "SHARDS"]
+__all__ = ["cluster", "solve_on", "solve_rows", "build_on", "remove_markers", "row_shards",
+           "RowShardObjective", "RETRIES", "SHARDS"]
 
 RETRIES = 2  # Dask re-runs a failing task this many times before its error is final
+SCATTER_BYTES = 1 << 20  # a row-parallel pass's arguments above this go by scatter
 
 
 def cluster(n_workers: int | None = None, **kwargs: Any):
@@ -112,6 +121,232 @@ def solve_on(client, path: str, layers: list[str], costs: Mapping[str, float],
                   f"The probes already saved in {path} are kept; fix the cause and run "
                   f"the same solve again to finish")
     return [fut.result() for fut in futures.values()]
+
+
+# -- row-parallel solves -----------------------------------------------------------------
+#: worker side: the row shards' objectives of the latest row-parallel solve, kept across its
+#: passes (the shards' features stay resident, or their streams planned); a new solve's
+#: first task drops the previous one's
+_SHARD_CACHE: dict[tuple, ProbeObjective] = {}
+
+
+@dataclass
+class _Shard:
+    """What a shard task needs to find or make its objective: the solve's token (the cache
+    key), the store, the layers, the options, and its rows [start, stop) of ``split``."""
+
+    token: str
+    path: str
+    layers: list[str]
+    options: SolveOptions
+    split: str
+    start: int
+    stop: int
+
+
+def _shard_objective(shard: _Shard) -> ProbeObjective:
+    """On a worker: the objective of a row shard, made once per solve and kept."""
+    key = (shard.token, shard.split, shard.start, shard.stop)
+    objective = _SHARD_CACHE.get(key)
+    if objective is None:
+        for old in [k for k in _SHARD_CACHE if k[0] != shard.token]:
+            del _SHARD_CACHE[old]  # another solve's: its features go
+        store = open_store(shard.path)
+        data = ProbeData.from_store(store, shard.layers, shard.options.label,
+                                    shard.options.allow_partial)
+        part = data.shard(shard.split, shard.start, shard.stop)
+        objective = _SHARD_CACHE[key] = objective_for(part, shard.layers, shard.options)
+    return objective
+
+
+def _pass_task(shard: _Shard, points: list[tuple[str, float, Any]], grad: bool, n: int
+               ) -> list[tuple]:
+    """On a worker: the partial sums of ``points`` ((layer, l2, theta as numpy)) over the
+    shard's rows, gradients scaled by 1 / ``n``; numpy out."""
+    _worker_threads()
+    objective = _shard_objective(shard)
+    dev = objective.device
+    pts = [Point(layer, l2, torch.from_numpy(theta).to(dev)) for layer, l2, theta in points]
+    return [(p.loss, p.top1, p.top5, None if p.gradient is None else p.gradient.cpu().numpy())
+            for p in objective.partials(shard.split, pts, grad=grad, n=n)]
+
+
+def _moment_task(shard: _Shard, layer: str, q: Any) -> Any:
+    """On a worker: ``sum_i x~_i x~_i^T q`` over the shard's rows of ``layer``."""
+    _worker_threads()
+    objective = _shard_objective(shard)
+    return objective.moment_sums(shard.split, layer,
+                                 torch.from_numpy(q).to(objective.device)).cpu().numpy()
+
+
+def row_shards(rows: int, block_rows: int, count: int) -> list[tuple[int, int]]:
+    """``count`` (or fewer) contiguous ranges of whole blocks covering ``rows`` rows, as
+    even as blocks allow."""
+    blocks = -(-rows // block_rows)
+    count = max(1, min(count, blocks))
+    edges = [round(i * blocks / count) * block_rows for i in range(count + 1)]
+    return [(a, min(b, rows)) for a, b in zip(edges, edges[1:], strict=False) if a < rows]
+
+
+class RowShardObjective(ProbeObjective):
+    """The objective of a row-parallel solve, on the driver: each pass sends the points to
+    the workers, each of which sums the pass over its row shard of the split
+    (:func:`_pass_task`, features kept on the worker between passes), and adds the shards'
+    partial sums in shard order; the penalty and the means are added here. The driver keeps
+    the L-BFGS state (on the CPU); the workers never see more than their rows.
+
+    A shard's task is pinned to a worker and runs anywhere else when that one is gone (its
+    rows are read again there); the sums, and so the solve, are the same either way.
+    """
+
+    def __init__(self, client, path: str, data: ProbeData, layers: list[str],
+                 options: SolveOptions, shards: int | None = None):
+        cache = FeatureCache(data, torch.device("cpu"), ARITHMETIC[options.dtype], budget=0)
+        super().__init__(cache, kernel="torch")
+        self.client = client
+        workers = sorted(client.scheduler_info()["workers"])
+        if not workers:
+            raise ProbeEngineError("the Dask cluster has no workers; start some, or pass no "
+                                   "client")
+        count = shards or len(workers)
+        self.token = token = f"{path}-{time.time_ns()}"
+        self.shards = {split: [_Shard(token, path, list(layers), options, split, a, b)
+                               for a, b in row_shards(data.rows(split), data.block_rows,
+                                                      count)]
+                       for split in data.splits}
+        self.count = count
+        self._home: dict[tuple[str, int], str] = {}  # (split, shard) -> its worker
+
+    def placement(self, layer: str) -> str:
+        return f"rows over {len(self.shards['train'])} shards"
+
+    def _where(self, split: str, i: int, workers: list[str]) -> list[str]:
+        """The worker of shard ``i`` of ``split``: the same as before while it lives."""
+        home = self._home.get((split, i))
+        if home not in workers and workers:
+            home = self._home[(split, i)] = workers[i % len(workers)]
+        return [home] if home else []
+
+    def _map(self, split: str, task, *args) -> list:
+        """``task(shard, *args)`` on every shard of ``split`` (args scattered once to all
+        workers), results in shard order; a shard that fails for good raises by name."""
+        from distributed import wait
+
+        # large arguments (the weights of wide probes) go to every worker once, not with
+        # each task; small ones ride in the task (a scatter is a round trip of its own)
+        big = sum(getattr(a, "nbytes", 0) for a in _arrays(args)) > SCATTER_BYTES
+        shared = self.client.scatter([args], broadcast=True, hash=False)[0] if big else args
+        stamp = time.time_ns()
+        shards = self.shards[split]
+        workers = sorted(self.client.scheduler_info()["workers"])
+        futures = {
+            i: self.client.submit(_call, task, shard, shared, retries=RETRIES, pure=False,
+                                  workers=self._where(split, i, workers),
+                                  allow_other_workers=True,
+                                  key=f"rows-{split}-{shard.start}-{stamp}")
+            for i, shard in enumerate(shards)}
+        wait(list(futures.values()))
+        _raise_failed(futures, lambda i: f"the row shard [{shards[i].start}, "
+                      f"{shards[i].stop}) of split {split!r} (layers {shards[i].layers})",
+                      "shards",
+                      "The probes already saved are kept; fix the cause and run the same "
+                      "solve again to finish")
+        return self.client.gather(list(futures.values()))
+
+    def partials(self, split: str, points, *, grad: bool, n: int) -> list[Partial]:
+        payload = [(p.layer, p.l2, p.theta.cpu().numpy()) for p in points]
+        out = None
+        for part in self._map(split, _pass_task, payload, grad, n):  # in shard order
+            if out is None:
+                out = [[loss, t1, t5, None if g is None else torch.from_numpy(g)]
+                       for loss, t1, t5, g in part]
+                continue
+            for acc, (loss, t1, t5, g) in zip(out, part, strict=True):
+                acc[0] += loss
+                acc[1] += t1
+                acc[2] += t5
+                if g is not None:
+                    acc[3] += torch.from_numpy(g)
+        return [Partial(*acc) for acc in out]
+
+    def moment_sums(self, split: str, layer: str, q: torch.Tensor) -> torch.Tensor:
+        parts = self._map(split, _moment_task, layer, q.cpu().numpy())
+        out = torch.from_numpy(parts[0])
+        for part in parts[1:]:
+            out += torch.from_numpy(part)
+        return out
+
+
+def _call(task, shard: _Shard, args: tuple):
+    return task(shard, *args)
+
+
+def _arrays(obj):
+    """The numpy arrays inside nested tuples and lists."""
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _arrays(item)
+    elif hasattr(obj, "nbytes"):
+        yield obj
+
+
+def solve_rows(client, store: Store, data: ProbeData, layers: list[str],
+               options: SolveOptions, *, shards: int | None = None,
+               progress: bool = False) -> dict[str, dict]:
+    """Solve ``layers`` of ``store`` row-parallel: this process runs the L-BFGS state of
+    every probe; each pass is summed over row shards on the workers of ``client``
+    (:class:`RowShardObjective`, one shard per worker unless ``shards``). Layers are saved
+    into the run as they finish, as a single-process solve does; returns every layer's
+    record."""
+    if options.solver != "lbfgs":
+        raise InvalidArgumentError("row-parallel solves (shard='rows') run L-BFGS; SGD "
+                                   "streams its rows already: use shard='layers'")
+
+    made: list[RowShardObjective] = []
+
+    def objective(todo: list[str]) -> ProbeObjective:
+        made.append(RowShardObjective(client, store.path, data, todo, options, shards))
+        return made[-1]
+
+    # how the workers compute (their device, kernel and matmul), not this process
+    backend = next(iter(client.run(backend_of, options).values()))
+    try:
+        return solve_data(data, options, store=store, progress=progress, objective=objective,
+                          backend=backend)
+    finally:
+        for obj in made:  # the shards' features leave the workers
+            client.run(_forget, obj.token)
+
+
+def worker_budget(client, options: SolveOptions) -> int:
+    """Bytes of features one worker may keep: ``options.max_memory``, else
+    :data:`~engine._features.BUDGET_SHARE` of the smallest worker memory limit (of this
+    machine's free memory when the workers have none)."""
+    if options.max_memory is not None:
+        return options.max_memory
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    least = min((x for x in limits if x), default=0) or free_bytes(torch.device("cpu"))
+    return int(least * BUDGET_SHARE)
+
+
+def by_shard(client, data: ProbeData, layers: list[str], options: SolveOptions
+             ) -> tuple[list[str], list[str]]:
+    """``(row-parallel layers, probe-parallel layers)`` of a Dask solve: by ``options.shard``;
+    ``"auto"``: row-parallel the L-BFGS layers whose train features, as stored, exceed one
+    worker's budget (:func:`worker_budget`)."""
+    if options.shard == "layers" or (options.shard == "auto" and options.solver != "lbfgs"):
+        return [], list(layers)
+    if options.shard == "rows":
+        return list(layers), []
+    budget, n = worker_budget(client, options), data.rows("train")
+    big = [layer for layer in layers if n * data.dims[layer]
+           * torch.finfo(data.stored[layer]).bits // 8 > budget]
+    return big, [layer for layer in layers if layer not in big]
+
+
+def _forget(token: str) -> None:
+    for key in [k for k in _SHARD_CACHE if k[0] == token]:
+        del _SHARD_CACHE[key]
 
 
 def _raise_failed(futures: dict, name, plural: str, advice: str) -> None:

@@ -16,6 +16,7 @@ else from its torch reference; ``results.backends`` says which ran.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -131,10 +132,14 @@ def solve(
     fmt.start_run(store.path, store.meta, options.run, config)
     done = fmt.saved_probes(fmt.open_root(store.path), options.run)
     todo = [layer for layer in data.layers if layer not in done]
-    if todo:
+    rows, whole = schedule.by_shard(client, data, todo, options)
+    if rows:  # each pass summed over row shards on the workers, the state kept here
+        schedule.solve_rows(client, store, dataclasses.replace(data, layers=rows), rows,
+                            options, progress=progress)
+    if whole:  # a layer per task
         n = data.rows("train")
-        costs = {layer: float(n * data.dims[layer] * data.num_classes) for layer in todo}
-        schedule.solve_on(client, store.path, todo, costs, options, progress=progress)
+        costs = {layer: float(n * data.dims[layer] * data.num_classes) for layer in whole}
+        schedule.solve_on(client, store.path, whole, costs, options, progress=progress)
     finished = fmt.saved_probes(fmt.open_root(store.path), options.run)
     missing = [layer for layer in data.layers if layer not in finished]
     if missing:  # pragma: no cover - solve_on raises first

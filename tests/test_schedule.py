@@ -28,12 +28,14 @@ LAYERS = ["1", "2", "3", "4"]
 @pytest.fixture(scope="module")
 def wide_store(tmp_path_factory, fashion):
     """float32 features of a wide MLP on 600 Fashion-MNIST rows: four layers of 784 to 10
-    features, train 540 / valid 60 / test 200."""
+    features, train 540 / valid 60 / test 200, in blocks of 64 rows."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 784), nn.ReLU(), nn.Linear(784, 64),
                           nn.Linear(64, 10))
+    # blocks of 64 rows: a row-parallel solve has whole blocks to split between workers
     return engine.build_store(model, fashion, tmp_path_factory.mktemp("wide") / "s.zarr",
-                              layers=LAYERS, dtype="float32", progress=False)
+                              layers=LAYERS, dtype="float32", batch_size=64,
+                              block_bytes=1 << 16, progress=False)
 
 
 @pytest.fixture
@@ -155,6 +157,74 @@ def test_a_task_that_keeps_failing_names_its_layer(store, client):
         engine.solve(store, run="poison", client=client, **SOLVE)
     saved = engine.load_results(store.path, run="poison")  # the other layers are kept
     assert set(saved.weights) == {"1", "3", "4"}
+
+
+def objective64(store, layer: str, res) -> float:
+    """The penalised train objective of ``res``'s probe of ``layer``, in float64."""
+    x = store.read("train", layer).astype(np.float64)
+    y = store.labels("train")
+    w, b = (a.astype(np.float64) for a in res.weights[layer])
+    lam = float(res.table.query("layer == @layer").l2.iloc[0])
+    z = x @ w + b
+    m = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0]
+    return float(np.mean(lse - z[np.arange(len(y)), y]) + 0.5 * lam * np.sum(w * w))
+
+
+def test_a_row_parallel_solve_equals_the_single_process_solve_and_survives_a_kill(
+        store, client):
+    """Each pass summed over two row shards: the optimum is the single process's (to the
+    solver's tolerance: the sums are added in another order); killing a worker midway
+    changes no bit (its shard is summed again, by a fresh worker, in the same order)."""
+    from engine.schedule import row_shards
+
+    assert row_shards(540, 64, 2) == [(0, 256), (256, 540)]
+    kw = dict(SOLVE, layers=["3", "4"], l2=[1e-3, 1e-2], tol=1e-5)  # a pass: a round trip
+    ours = engine.solve(store, run="rows", client=client, shard="rows", **kw)
+    one = one_thread(engine.solve, store, run="one", **kw)
+    assert {b["features"] for b in ours.backends.values()} == {"rows over 2 shards"}
+    assert ours.config == one.config
+    for layer in ("3", "4"):
+        assert objective64(store, layer, ours) == pytest.approx(
+            objective64(store, layer, one), rel=1e-5)
+    cols = ["layer", "split", "l2", "top1_error"]
+    assert ours.table[cols].equals(one.table[cols])
+    assert engine.load_results(store.path, run="rows").table[cols].equals(ours.table[cols])
+    # the workers keep no shard once the solve is over
+    assert set(client.run(lambda: len(__import__("engine.schedule").schedule._SHARD_CACHE))
+               .values()) == {0}
+    killed, _ = run_killing_a_worker(client, lambda: engine.solve(
+        store, run="rkill", client=client, shard="rows", **kw))
+    for layer in ("3", "4"):
+        for a, b in zip(killed.weights[layer], ours.weights[layer], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_auto_shards_rows_of_the_layers_a_worker_cannot_hold(store, client):
+    """A budget of 1.2 MB: the 784-wide layer (1.7 MB of train features) is solved
+    row-parallel (each worker streams its shard), the narrow one as a task of its own;
+    both optima are the single process's."""
+    kw = dict(SOLVE, layers=["2", "3"], l2=1e-2, tol=1e-5)
+    res = engine.solve(store, run="auto", client=client, max_memory="1.2M", **kw)
+    assert {k: b["features"] for k, b in res.backends.items()} == {
+        "2": "rows over 2 shards", "3": "resident"}
+    one = one_thread(engine.solve, store, run="one", **kw)
+    for layer in ("2", "3"):
+        assert objective64(store, layer, res) == pytest.approx(
+            objective64(store, layer, one), rel=1e-5)
+
+
+def test_a_row_shard_that_keeps_failing_names_its_rows(store, client):
+    chunk = Path(store.path) / "train/features/1/c/6/0"  # rows 384-447: the second shard
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ProbeEngineError, match=r"the row shard \[256, 540\) of split 'train' "
+                       r"\(layers \['1', '3'\]\) on the Dask cluster failed after 2 retries: "
+                       r"StoreCorruptedError"):
+        engine.solve(store, run="rpoison", layers=["1", "3"], client=client, shard="rows",
+                     **SOLVE)
+    assert engine.load_results(store.path, run="rpoison").weights == {}  # nothing half-done
 
 
 def test_client_needs_a_store(client):
