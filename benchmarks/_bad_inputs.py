@@ -44,6 +44,7 @@ from engine.errors import (
     InvalidArgumentError,
     LabelNotFoundError,
     LayerNotFoundError,
+    MemoryBudgetError,
     NonFiniteError,
     ReductionError,
     ReportError,
@@ -557,6 +558,23 @@ def _solve_bfloat16_lbfgs(tmp):
     _solve_mapping(dtype="bfloat16")
 
 
+def _solve_budget_too_small(tmp):
+    engine.solve(base_store(tmp), l2=1e-3, max_memory=100, progress=False, device="cpu")
+
+
+def _solve_budget_malformed(tmp):
+    _solve_mapping(max_memory="lots")
+
+
+def _solve_rows_with_sgd(tmp):
+    from engine import schedule
+    from engine.options import SolveOptions
+
+    options = SolveOptions.from_kwargs(solver="sgd", shard="rows", device="cpu")
+    store = engine.open_store(base_store(tmp))
+    schedule.solve_rows(None, store, None, store.layers, options)
+
+
 def _solve_run_name_escapes(tmp):
     engine.solve(base_store(tmp), l2=1e-3, run="../elsewhere", progress=False, device="cpu")
 
@@ -825,6 +843,13 @@ CASES: list[Case] = [
          ("'adam'", "'lbfgs' or 'sgd'")),
     Case("solve: bfloat16 with L-BFGS", "api", _solve_bfloat16_lbfgs, InvalidArgumentError,
          ("dtype='bfloat16' is for solver='sgd'", "dtype='tf32'")),
+    Case("solve: max_memory below one block", "api", _solve_budget_too_small,
+         MemoryBudgetError, ("max_memory=100 bytes", "layer", "split 'train'", "rows 0-",
+                             "raise max_memory to at least"), _unchanged()),
+    Case("solve: max_memory malformed", "api", _solve_budget_malformed, InvalidArgumentError,
+         ("max_memory", "'512M'", "'lots'")),
+    Case("solve: row shards with SGD", "api", _solve_rows_with_sgd, InvalidArgumentError,
+         ("shard='rows'", "L-BFGS", "shard='layers'")),
     Case("solve: run name escapes the store", "api", _solve_run_name_escapes,
          InvalidArgumentError, ("run name", "'../elsewhere'"), _unchanged()),
     Case("solve: labels for an unknown split", "api", _solve_unknown_split_labels,

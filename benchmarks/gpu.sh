@@ -29,7 +29,7 @@ PY
 # (should the image lose one): the gpu tests of the other files still run
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     -W default::DeprecationWarning --continue-on-collection-errors \
-    tests/test_kernels_cuda.py tests/test_solve.py tests/test_build.py 2>&1 \
+    tests/test_kernels_cuda.py tests/test_solve.py tests/test_build.py tests/test_features.py 2>&1 \
     | tee "$OUT/gpu-tests.log"
 timeout 200 python3 -m benchmarks.capture --device cuda ${QUICK:+--quick} --repeats 3 \
     --json "$OUT/capture-cuda.json" 2>&1 | tee "$OUT/capture-cuda.log"

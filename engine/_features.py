@@ -143,9 +143,7 @@ class FeatureCache:
         wide = sum(self.data.rows(s) * self.data.dims[layer] for s, layer in todo)
         # upcast only when everything fits upcast: a budget is spent on rows, not precision
         self._upcast = wide * _size(self.dtype) <= self._left
-        stored = sum(self.data.rows(s) * self.data.dims[layer]
-                     * _size(self.data.stored[layer]) for s, layer in todo)
-        if self._reserve == 0 and stored > self._left:
+        if self._reserve == 0 and self._stored_bytes(todo) > self._left:
             self._hold_back(todo)  # something will stream: keep room for its blocks
         for split in splits:
             mine = [layer for s, layer in todo if s == split]
@@ -228,22 +226,38 @@ class FeatureCache:
                                         * _size(self.data.stored[layer]))
         return chunk * max(1, min(chunks, room // (chunk * self._row_bytes(layer))))
 
-    def _hold_back(self, todo: list[tuple[str, str]]) -> None:
-        """Keep room for the stream blocks of the widest layer that may stream."""
-        def one_block(key: tuple[str, str]) -> int:  # one chunk's rows, with read-ahead
+    def check(self, splits: Sequence[str], layers: Sequence[str]) -> None:
+        """Raise :class:`MemoryBudgetError` now if :meth:`load` of ``layers`` on ``splits``
+        would (nothing is read or placed): before a solve writes anything."""
+        todo = [(s, layer) for s in splits for layer in layers if not self._placed(s, layer)]
+        if todo and self._reserve == 0 and self._stored_bytes(todo) > self._left:
+            self._one_block(todo)
+
+    def _stored_bytes(self, todo: list[tuple[str, str]]) -> int:
+        return sum(self.data.rows(s) * self.data.dims[layer] * _size(self.data.stored[layer])
+                   for s, layer in todo)
+
+    def _one_block(self, todo: list[tuple[str, str]]) -> str:
+        """The widest layer that may stream, once its one-chunk block fits what is left."""
+        def need(key: tuple[str, str]) -> int:  # one chunk's rows, with read-ahead
             return min(self.data.block_rows, self.data.rows(key[0])) * self._row_bytes(key[1])
 
-        split, widest = max(todo, key=one_block)
-        need = one_block((split, widest))
-        if need > self._left:
+        split, widest = max(todo, key=need)
+        if need((split, widest)) > self._left:
             rows = min(self.data.block_rows, self.data.rows(split))
             raise MemoryBudgetError(
                 f"max_memory={self.budget:,} bytes is too small to stream layer {widest!r} "
                 f"of split {split!r}: one block of its rows (rows 0-{rows - 1}, "
                 f"{rows} x {self.data.dims[widest]} "
-                f"{str(self.data.stored[widest]).removeprefix('torch.')}) needs {need:,} "
-                f"bytes with its read-ahead ({self._left:,} left); raise max_memory to at "
-                f"least {self.budget - self._left + need:,} bytes")
+                f"{str(self.data.stored[widest]).removeprefix('torch.')}) needs "
+                f"{need((split, widest)):,} bytes with its read-ahead ({self._left:,} left); "
+                f"raise max_memory to at least "
+                f"{self.budget - self._left + need((split, widest)):,} bytes")
+        return widest
+
+    def _hold_back(self, todo: list[tuple[str, str]]) -> None:
+        """Keep room for the stream blocks of the widest layer that may stream."""
+        widest = self._one_block(todo)
         return_freed_memory()
         rows = self._stream_rows(widest, self._left)
         self._reserve = rows * self._row_bytes(widest)

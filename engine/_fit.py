@@ -73,6 +73,12 @@ def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
     started = time.perf_counter() if started is None else started
     done: dict[str, dict] = {}
     if store is not None:
+        done = fmt.saved_probes(fmt.open_root(store.path), options.run)
+        if objective is None:  # a budget too small: refused before the run is written
+            FeatureCache(data, resolve_device(options.device), ARITHMETIC[options.dtype],
+                         budget=options.max_memory).check(
+                [s for s in data.splits if s != "train" or options.solver == "lbfgs"],
+                [layer for layer in data.layers if layer not in done])
         fmt.start_run(store.path, store.meta, options.run, options.config(data.num_classes))
         done = fmt.saved_probes(fmt.open_root(store.path), options.run)
     finished = dict(done)

@@ -107,9 +107,9 @@ class ReportError(ProbeEngineError, OSError):
     """The report folder cannot be written."""
 
 
-class MemoryBudgetError(ProbeEngineError, MemoryError):
-    """A memory budget (``max_memory=``) too small for the smallest unit of work."""
-
-
 class InvalidArgumentError(ProbeEngineError, ValueError, TypeError):
     """An argument of the wrong type or value (unknown option, negative count, ...)."""
+
+
+class MemoryBudgetError(InvalidArgumentError):
+    """A memory budget (``max_memory=``) too small for the smallest unit of work."""

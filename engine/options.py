@@ -374,7 +374,7 @@ class SolveOptions(Options):
 
     label: str = option("y", "which label set of the store to predict",
                         check=lambda v, n: check_name(v, "label"))
-    solver: str = option("lbfgs", "lbfgs (exact optimum, features resident) or sgd "
+    solver: str = option("lbfgs", "lbfgs (exact optimum, full-batch passes) or sgd "
                          "(streaming minibatches)",
                          check=_one_of(("lbfgs", "sgd"), "'lbfgs' or 'sgd'"))
     l2: Any = option("auto", "lambda, several, or 'auto' (1e-6 ... 1e-1): the one with the "

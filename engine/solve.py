@@ -66,9 +66,10 @@ def solve(
             numpy, torch or zarr arrays, with ``labels`` an (N,) array or ``{split: array}``.
         layers: layer keys to probe (default: all).
         label: which label array of the store to predict.
-        solver: ``"lbfgs"`` (full batch, features resident on ``device``: the exact
-            optimum) or ``"sgd"`` (minibatch Adam streaming row blocks from the store in a
-            shuffled order, for data larger than memory, with early stopping).
+        solver: ``"lbfgs"`` (full batch: the exact optimum; features resident on
+            ``device`` within ``max_memory``, else streamed from the store every pass) or
+            ``"sgd"`` (minibatch Adam streaming row blocks from the store in a shuffled
+            order, with early stopping).
         l2: lambda, a list of lambdas, or ``"auto"`` (:data:`DEFAULT_L2_GRID`); with more
             than one, every lambda is fitted and the one with the lowest validation top-1
             error (then loss) is kept, which needs a ``"valid"`` split.
@@ -90,6 +91,14 @@ def solve(
         run: name of the run: probes are saved to ``probes/<run>/<layer>`` in the store as
             each layer finishes, and a rerun of the same run skips finished layers.
         allow_partial: solve an incomplete store on its committed rows instead of refusing.
+        max_memory: bytes (or ``"512M"``, ``"4G"``) of features one process keeps: resident
+            features plus stream buffers (default: half of the device's free memory). A
+            (split, layer) that does not fit is streamed from the store block by block on
+            every pass (docs/solve.md, "Memory"); the optimum is the same.
+        shard: with a client, ``"layers"`` (each layer a task), ``"rows"`` (each pass
+            summed over row shards on the workers, the L-BFGS state kept here) or
+            ``"auto"`` (rows for the layers whose train features exceed one worker's
+            ``max_memory``, the others a layer per task).
         client: a ``distributed.Client`` (e.g. :func:`engine.cluster`): each layer is solved
             on a worker, placed by cost N * D * C, which reads it from the store's path and
             saves its probe there; the results equal a single-process solve's. Needs a store

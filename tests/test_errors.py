@@ -20,7 +20,7 @@ BUILTIN = {
     E.InvalidArgumentError: ValueError,
     E.RunNotFoundError: KeyError,
     E.ReportError: OSError,
-    E.MemoryBudgetError: MemoryError,
+    E.MemoryBudgetError: ValueError,
 }
 
 
@@ -47,6 +47,7 @@ def test_subclasses():
     assert issubclass(E.StoreLockedError, E.StoreError)
     assert issubclass(E.NonFiniteError, E.DataError)
     assert issubclass(E.InvalidArgumentError, TypeError)  # like scikit-learn's
+    assert issubclass(E.MemoryBudgetError, E.InvalidArgumentError)
 
 
 @pytest.mark.parametrize("cls", [E.LayerNotFoundError, E.LabelNotFoundError, E.SplitNotFoundError])

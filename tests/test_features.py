@@ -218,3 +218,18 @@ def test_peak_memory_stays_within_the_budget(tmp_path):
     assert grew <= budget + slack, (grew, budget)
     assert out["resident"]["features"] == ["resident"]
     assert out["resident"]["peak"] - out["resident"]["before"] > budget + slack
+
+
+@pytest.mark.gpu
+def test_a_streamed_solve_on_cuda_equals_the_resident_one(store):
+    """On CUDA the streamed blocks are pinned and copied asynchronously: the same optimum
+    as the features resident on the card."""
+    kw = {"layers": ["2"], "l2": L2, "tol": 1e-6, "device": "cuda", "progress": False}
+    resident = engine.solve(store, run="cuda-memory", **kw)
+    streamed = engine.solve(store, run="cuda-ooc", max_memory="200k", **kw)
+    assert resident.backends["2"]["features"] == "resident"
+    assert streamed.backends["2"]["features"] == "streamed"
+    y, x = store.labels("train"), store.read("train", "2")
+    lam = float(streamed.table.query("layer == '2'").l2.iloc[0])
+    assert objective64(x, y, *streamed.weights["2"], lam) == pytest.approx(
+        objective64(x, y, *resident.weights["2"], lam), rel=1e-6)
