@@ -7,6 +7,9 @@ cores of the CI machine; speed-up = time(1 worker) / time(2 workers), efficiency
 - build: the paper's MNIST convnet (10 sites, ``reduce="auto"``) on Fashion-MNIST rows.
 - solve: a problem with enough probes to share: the 16 hidden layers (256 units, ReLU) of a
   seeded MLP on Fashion-MNIST, each probed at lambda 1e-4 to tol 1e-5.
+- rows: one wide layer no task can split (D = 1,024 class-structured features, 100 classes,
+  three lambdas), solved row-parallel (``shard="rows"``): each pass summed over one row
+  shard per worker, the L-BFGS state on the driver.
 
     python -m benchmarks.scaling [--quick] [--workers 1 2] [--json FILE]
 """
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import engine
 
 SOLVE = dict(l2=1e-4, tol=1e-5, max_iter=2000, device="cpu", progress=False)
+ROWS = dict(l2=[1e-4, 1e-3, 1e-2], tol=1e-4, max_iter=2000, device="cpu", progress=False)
 
 
 def _rows(n: int) -> dict:
@@ -39,6 +44,22 @@ def deep_mlp(depth: int = 16, width: int = 256) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
+def wide_layer_store(path: Path, rows: int, d: int = 1024, classes: int = 100
+                     ) -> engine.Store:
+    """One layer of ``d`` class-structured float32 features (class means plus noise),
+    train ``rows`` and valid ``rows // 5``, in a store built by the engine."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(classes, d, generator=gen) * 0.3
+
+    def split(n: int) -> TensorDataset:
+        y = torch.randint(0, classes, (n,), generator=gen)
+        return TensorDataset(means[y] + torch.randn(n, d, generator=gen), y)
+
+    return engine.build_store(nn.Sequential(nn.Identity()),
+                              {"train": split(rows), "valid": split(rows // 5)}, path,
+                              layers=["0"], reduce="none", dtype="float32", progress=False)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -47,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     build_rows, solve_rows = (4096, 3000) if args.quick else (16384, 10_000)
-    times: dict[str, dict[int, float]] = {"build": {}, "solve": {}}
+    wide_rows = 6000 if args.quick else 20_000
+    times: dict[str, dict[int, float]] = {"build": {}, "solve": {}, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="probe-engine-scaling-") as tmp:
         tmp = Path(tmp)
         convnet = engine.models.mnist_convnet()
@@ -55,6 +77,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         relus = [str(i) for i, m in enumerate(mlp) if isinstance(m, nn.ReLU)]
         base = engine.build_store(mlp, _rows(solve_rows), tmp / "mlp.zarr", layers=relus,
                                   dtype="float32", valid_size=0, progress=False)
+        wide = wide_layer_store(tmp / "wide.zarr", wide_rows)
+        t0 = time.perf_counter()
+        engine.solve(wide, run="here", **ROWS)
+        here = time.perf_counter() - t0
         for n in args.workers:
             with engine.cluster(n) as client:
                 client.wait_for_workers(n)
@@ -66,19 +92,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 res = engine.solve(base, run=f"w{n}", client=client, **SOLVE)
                 times["solve"][n] = time.perf_counter() - t0
                 assert list(res.weights) == base.layers
+                t0 = time.perf_counter()
+                res = engine.solve(wide, run=f"rows{n}", client=client, shard="rows", **ROWS)
+                times["rows"][n] = time.perf_counter() - t0
+                assert res.backends["0"]["features"] == f"rows over {n} shards"
             print(f"{n} worker(s): build {times['build'][n]:.1f} s, solve "
-                  f"{times['solve'][n]:.1f} s", flush=True)
+                  f"{times['solve'][n]:.1f} s, row-parallel {times['rows'][n]:.1f} s",
+                  flush=True)
     results = []
     lo, hi = min(args.workers), max(args.workers)
     for stage, t in times.items():
         speedup = t[lo] / t[hi]
         results.append({
             "case": f"{stage} on {hi} vs {lo} worker(s)",
-            "rows": build_rows if stage == "build" else solve_rows,
+            "rows": {"build": build_rows, "solve": solve_rows, "rows": wide_rows}[stage],
             "seconds": {str(k): round(v, 2) for k, v in t.items()},
             "workers_speedup": round(speedup, 2), "efficiency": round(speedup / (hi / lo), 2),
             "ratio": round(speedup / (hi / lo), 2), "kind": "efficiency",
             "target": 0.8 if stage == "solve" else None})
+        if stage == "rows":  # what the Dask round trips cost against no Dask at all
+            results[-1]["in_process_s"] = round(here, 2)
         print(results[-1], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
