@@ -567,12 +567,7 @@ def _solve_budget_malformed(tmp):
 
 
 def _solve_rows_with_sgd(tmp):
-    from engine import schedule
-    from engine.options import SolveOptions
-
-    options = SolveOptions.from_kwargs(solver="sgd", shard="rows", device="cpu")
-    store = engine.open_store(base_store(tmp))
-    schedule.solve_rows(None, store, None, store.layers, options)
+    engine.solve(base_store(tmp), solver="sgd", shard="rows", progress=False, device="cpu")
 
 
 def _solve_run_name_escapes(tmp):
@@ -849,7 +844,7 @@ CASES: list[Case] = [
     Case("solve: max_memory malformed", "api", _solve_budget_malformed, InvalidArgumentError,
          ("max_memory", "'512M'", "'lots'")),
     Case("solve: row shards with SGD", "api", _solve_rows_with_sgd, InvalidArgumentError,
-         ("shard='rows'", "L-BFGS", "shard='layers'")),
+         ("shard='rows'", "L-BFGS", "shard='layers'"), _unchanged()),
     Case("solve: run name escapes the store", "api", _solve_run_name_escapes,
          InvalidArgumentError, ("run name", "'../elsewhere'"), _unchanged()),
     Case("solve: labels for an unknown split", "api", _solve_unknown_split_labels,

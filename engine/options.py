@@ -401,6 +401,9 @@ class SolveOptions(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shard == "rows" and self.solver != "lbfgs":
+            raise InvalidArgumentError("row-parallel solves (shard='rows') run L-BFGS; SGD "
+                                       "streams its rows already: use shard='layers'")
         if self.dtype == "bfloat16" and self.solver == "lbfgs":
             # bfloat16 gradients are too coarse for L-BFGS's line search near the optimum
             # (measured by benchmarks.precision: benchmarks/RESULTS.md, "Precision")

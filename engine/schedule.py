@@ -1,5 +1,5 @@
-"""Scale-out with Dask: shard-parallel capture and probe-parallel solves over the workers of
-a ``distributed.Client``.
+"""Scale-out with Dask: shard-parallel capture, and probe-parallel and row-parallel solves,
+over the workers of a ``distributed.Client``.
 
 Every worker opens the store by its path (a filesystem all workers share). A build cuts each
 split's rows into whole row blocks, one task each: the worker runs the model on its block and
@@ -8,7 +8,10 @@ is done the driver commits the splits in the root metadata, exactly as a single-
 leaves them. A solve submits one task per layer with its cost N * D_k * C as priority, so
 Dask hands the costliest layer left to whichever worker frees up first: longest first onto
 the least-loaded worker (LPT), the load being the measured one rather than an estimate.
-Each worker solves its layers with the single-device solver and saves their probes.
+Each worker solves its layers with the single-device solver and saves their probes. A layer
+too large for one worker is solved row-parallel instead (:func:`solve_rows`): the driver
+runs its L-BFGS state and each pass is summed over row shards on the workers
+(:class:`RowShardObjective`).
 
 Every task is idempotent (a marked block or a saved probe is skipped; half-written ones are
 written again), so Dask may re-run any task on any worker, after a worker dies for example,
@@ -32,7 +35,7 @@ from ._fit import ARITHMETIC, backend_of, objective_for, solve_data, solve_store
 from ._sources import ProbeData
 from ._writer import Block, CaptureJob, write_rows
 from .capture import Runner
-from .errors import InvalidArgumentError, ProbeEngineError
+from .errors import ProbeEngineError
 from .objective import Partial, Point, ProbeObjective
 from .options import SolveOptions
 from .store import Store, open_store
@@ -214,7 +217,6 @@ class RowShardObjective(ProbeObjective):
                                for a, b in row_shards(data.rows(split), data.block_rows,
                                                       count)]
                        for split in data.splits}
-        self.count = count
         self._home: dict[tuple[str, int], str] = {}  # (split, shard) -> its worker
 
     def placement(self, layer: str) -> str:
@@ -228,8 +230,8 @@ class RowShardObjective(ProbeObjective):
         return [home] if home else []
 
     def _map(self, split: str, task, *args) -> list:
-        """``task(shard, *args)`` on every shard of ``split`` (args scattered once to all
-        workers), results in shard order; a shard that fails for good raises by name."""
+        """``task(shard, *args)`` on every shard of ``split``, results in shard order; a
+        shard that fails for good (Dask's retries spent) raises, naming its rows."""
         from distributed import wait
 
         # large arguments (the weights of wide probes) go to every worker once, not with
@@ -298,10 +300,6 @@ def solve_rows(client, store: Store, data: ProbeData, layers: list[str],
     (:class:`RowShardObjective`, one shard per worker unless ``shards``). Layers are saved
     into the run as they finish, as a single-process solve does; returns every layer's
     record."""
-    if options.solver != "lbfgs":
-        raise InvalidArgumentError("row-parallel solves (shard='rows') run L-BFGS; SGD "
-                                   "streams its rows already: use shard='layers'")
-
     made: list[RowShardObjective] = []
 
     def objective(todo: list[str]) -> ProbeObjective:
