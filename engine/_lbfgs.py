@@ -74,6 +74,7 @@ class WolfeSearch:
         self.evals = 0
         self.best: _Point | None = None  # the lowest point seen, for a failed search
         self.accepted: _Point | None = None
+        self.gave_up = False  # accepted the lowest point without the Wolfe conditions
 
     def propose(self) -> float:
         return self.alpha
@@ -123,7 +124,7 @@ class WolfeSearch:
     def _give_up(self) -> str:
         """Keep the lowest point if it decreased the objective at all, else fail."""
         if self.best is not None and self.best.f < self.start.f and self.best.g is not None:
-            self.accepted = self.best
+            self.accepted, self.gave_up = self.best, True
             return "accept"
         return "fail"
 
@@ -202,15 +203,20 @@ class LBFGSState:
         self.x = self.x + step
         self.f, self.g = point.f, point.g
         self.iterations += 1
+        gave_up = self.search.gave_up
         self.search = None
         if float(self.g.abs().max()) <= tol:
             self.done, self.converged, self.reason = True, True, "gradient below tol"
         elif abs(f_old - self.f) <= 1e-12 * max(abs(f_old), abs(self.f), 1.0):
             self._stall(True, "objective stopped changing")
-        elif self.iterations >= max_iter:
-            self.done, self.reason = True, "max_iter reached"
+        elif gave_up:  # a decrease, but no Wolfe point in MAX_EVALS tries: at the precision
+            # limit such searches repeat every iteration, each costing MAX_EVALS passes
+            self._stall(float(self.g.abs().max()) <= 10 * tol,
+                        "line search found no Wolfe point (at the precision limit)")
         else:
             self.stalled = False
+        if not self.done and self.iterations >= max_iter:
+            self.done, self.reason = True, "max_iter reached"
 
     def fail(self, tol: float) -> None:
         """No step decreased the objective: at the optimum to working precision, or stuck."""

@@ -65,3 +65,27 @@ def test_a_stall_first_forgets_the_history_then_stops():
     st.fail(tol=1e-6)
     assert st.done and not st.converged  # twice in a row: stuck, and the gradient is large
     assert "no decrease" in st.reason
+
+
+def test_searches_that_find_no_wolfe_point_twice_in_a_row_stop_the_probe():
+    """At the precision limit the objective is noise below a scale the gradient test cannot
+    reach: every line search gives up after MAX_EVALS tries on a slightly lower point. The
+    first such search restarts from H0, the second stops the probe, so it costs a few
+    searches, not max_iter of them (each try is a pass over the data)."""
+    from engine._lbfgs import MAX_EVALS
+
+    a = ill_conditioned()
+    f, opt = quadratic(a)
+    noise = torch.Generator().manual_seed(1)
+    calls = []
+
+    def noisy(x):  # the true objective plus noise far above the gradient's own scale
+        calls.append(1)
+        fx, g = f(x)
+        return fx + 1e-6 * float(torch.rand(1, generator=noise, dtype=torch.float64)), g
+
+    st = minimise(LBFGSState(torch.zeros(30, 1, dtype=torch.float64)), noisy, tol=1e-12,
+                  max_iter=500)
+    assert st.done and not st.converged and "precision limit" in st.reason
+    assert len(calls) <= st.iterations + 3 * MAX_EVALS, (len(calls), st.iterations)
+    torch.testing.assert_close(st.x, opt, rtol=0, atol=1e-2)  # near the optimum still
