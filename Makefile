@@ -32,7 +32,11 @@ test: $(VENV)/.installed-dev data
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check engine kernels benchmarks examples tests
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench data
 	$(PY) -m benchmarks
 
 clean:

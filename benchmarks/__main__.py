@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import capture, kernel, precision, scaling, solve
+from . import capture, imagenet_scale, kernel, precision, scaling, solve
 
-BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling}
+BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling, "imagenet": imagenet_scale}
 GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
 CPU_ONLY = {"precision": precision}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,3 +49,27 @@ def test_sass_loops_count_instructions_per_load():
     """
     assert sass.loops(text) == [{"start": "0x110", "instructions": 5, "loads": 2, "mufu": 1,
                                  "per_load": 2.5}]
+
+
+def test_imagenet_scale_runs_the_protocol_at_one_objective_for_every_solver(tmp_path):
+    from benchmarks import imagenet_scale
+
+    results = imagenet_scale.main(["--rows", "400", "--classes", "10", "--width", "48",
+                                   "--peers", "sklearn-lbfgs", "torch-lbfgs",
+                                   "--json", str(tmp_path / "r.json")])
+    by_case = {r["case"]: r for r in results}
+    ours = by_case["ours: DINOv2 protocol"]
+    for peer in ("sklearn-lbfgs", "torch-lbfgs"):
+        r = by_case[f"ours vs {peer}"]
+        assert not r["extrapolated"] and r["peer_rows"] == 400
+        assert r["speedup"] == round(r["peer_s"] / r["ours_s"], 2)
+        # the same objective, so the same lambda kept and the same test error within a row
+        assert r["peer_best_l2"] == ours["best_l2"]
+        assert abs(r["peer_test_top1"] - ours["test_top1"]) <= 1 / 80
+    assert max(r["objective_gap"] for r in results if "objective_gap" in r) < 1e-2
+    ooc = by_case["out-of-core pass / in-memory pass"]
+    assert ooc["features"] == ["streamed", "resident"]  # the budget made train stream
+    assert by_case["out-of-core protocol / in-memory protocol"]["same_l2"]
+    assert len(by_case["pass time vs rows"]["seconds"]) == 3
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == json.loads(
+        json.dumps(results, default=float))
