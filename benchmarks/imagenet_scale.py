@@ -61,7 +61,7 @@ from engine._features import FeatureCache
 from engine._sources import ProbeData
 from engine.objective import Point, ProbeObjective
 
-from .solve import objective, slope
+from .solve import median_pass, objective, slope
 
 CLASSES = 1000
 WIDTH = 2048
@@ -233,16 +233,7 @@ def pass_seconds(x: np.ndarray, y: np.ndarray, grid, device: torch.device,
     points = [Point(LAYER, lam, (0.01 * torch.randn(data.dims[LAYER] + 1, data.num_classes,
                                                     generator=gen)).to(device))
               for lam in grid]  # random weights: never time on zeros
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    obj.evaluate("train", points, grad=True)  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        obj.evaluate("train", points, grad=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), obj.placement(LAYER)
+    return median_pass(obj, points, device, repeats), obj.placement(LAYER)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -121,6 +121,22 @@ def pass_seconds(store, layers, rows: int | None = None, repeats: int = 3) -> fl
     return float(np.median(times))
 
 
+def median_pass(objective: ProbeObjective, points: list[Point], device: torch.device,
+                repeats: int = 3) -> float:
+    """Median seconds of one loss + gradient pass of ``points`` over train, after a warm-up
+    pass (compilation, handles, loading), synchronised on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    objective.evaluate("train", points, grad=True)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        objective.evaluate("train", points, grad=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
     """Measured dense matmul rate (TFLOP/s) of ``device`` for (n, n) @ (n, n)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -147,8 +163,6 @@ def resnet50_pass(device: torch.device, rows: int, classes: int = 1000, repeats:
         means = torch.randn(classes, d, generator=gen)
         feats[f"site{k:02d}"] = (means[y] + torch.randn(rows, d, generator=gen)).half()
     data = ProbeData.from_arrays(feats, y.numpy(), None)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
     def one_pass(kernel: str) -> float:
         features = FeatureCache(data, device, torch.float32)
         features.load("train", data.layers)
@@ -157,15 +171,7 @@ def resnet50_pass(device: torch.device, rows: int, classes: int = 1000, repeats:
         points = [Point(layer, L2, (0.01 * torch.randn(data.dims[layer] + 1, classes,
                                                        generator=gen)).to(device))
                   for layer in data.layers]  # random weights: never time on zeros
-        objective.evaluate("train", points, grad=True)  # warm-up: compilation, handles
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            objective.evaluate("train", points, grad=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return median_pass(objective, points, device, repeats)
 
     sk_row = sklearn_pass_per_row(classes)
     flop = 4 * rows * sum(RESNET50_WIDTHS) * classes
