@@ -386,9 +386,10 @@ def _exists_no_resume(tmp):
 
 
 class FailsMidway(Tiny):
-    """Raises in its fc layer on the ``fail_at``-th forward pass (counting the probe pass)."""
+    """Raises in its fc layer on the ``fail_at``-th forward pass (counting the two passes of
+    the first rows: the one finding the sites and the one checking their reductions)."""
 
-    def __init__(self, fail_at: int = 4):
+    def __init__(self, fail_at: int = 5):
         super().__init__()
         self.calls, self.fail_at = 0, fail_at
 
@@ -442,6 +443,59 @@ def _unknown_reduction(tmp):
 
 def _reduce_key_unknown(tmp):
     _build(tmp, reduce={"reluu": "pool"})
+
+
+# -- transformers: token sequences, structured outputs ------------------------------------
+class _DropFirst(nn.Module):
+    def forward(self, h):
+        return h[:, 1:]  # (B, T, D) -> (B, T - 1, D): no longer the input's tokens
+
+
+class _TinyText(nn.Module):
+    """Token ids -> embeddings -> a layer that drops the first token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.drop = nn.Embedding(32, 4), _DropFirst()
+
+    def forward(self, input_ids, attention_mask):
+        return self.drop(self.embed(input_ids))
+
+
+def _texts() -> engine.TextDataset:
+    texts = ["ab", "abc", "b", "cab", "ca", "bbc"] * 3
+    return engine.TextDataset(texts, [len(t) % 2 for t in texts],
+                              tokenizer=lambda t: [ord(c) % 31 + 1 for c in t])
+
+
+def _mask_misfits_tokens(tmp):
+    _build(tmp, model=_TinyText(), data=_texts(), layers=["drop"],
+           reduce={"drop": "tokens:mean"}, valid_size=0)
+
+
+def _tokens_on_a_conv_map(tmp):
+    _build(tmp, reduce={"relu": "tokens:mean"})
+
+
+def _sequence_of_unknown_layout(tmp):
+    model = nn.Sequential()
+    model.add_module("seq", nn.Flatten(2))  # (1, 6, 6) -> (1, 36): tokens? channels?
+    _build(tmp, model=model, layers=["seq"], reduce="pool")
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x.flatten(1), None
+
+
+def _select_names_no_tensor(tmp):
+    model = nn.Sequential()
+    model.add_module("pair", _Pair())
+    _build(tmp, model=model, layers=["pair"], select={"pair": 1})
+
+
+def _select_key_unknown(tmp):
+    _build(tmp, select={"rleu": 0})
 
 
 def _bad_dtype(tmp):
@@ -797,6 +851,20 @@ CASES: list[Case] = [
          ("layer 'relu'", "144 features", "'subsample:500'", "smaller K"), _absent("s.zarr")),
     Case("pool a layer without spatial axes", "api", _pool_a_flat_layer, ReductionError,
          ("layer 'fc'", "no spatial axes", "'none'"), _absent("s.zarr")),
+    Case("attention mask does not fit the tokens", "api", _mask_misfits_tokens, ReductionError,
+         ("layer 'drop'", "attention mask is (2, 3)", "2 rows of 2 tokens", "'tokens:cls'"),
+         _absent("s.zarr")),
+    Case("token reduction on a conv map", "api", _tokens_on_a_conv_map, ReductionError,
+         ("layer 'relu'", "'tokens:mean'", "(tokens, channels)", "(4, 6, 6)", "'pool'"),
+         _absent("s.zarr")),
+    Case("sequence of unknown layout", "api", _sequence_of_unknown_layout, ReductionError,
+         ("layer 'seq'", "(1, 36)", "{'seq': 'tokens:mean'}", "{'seq': 'pool'}"),
+         _absent("s.zarr")),
+    Case("select names no tensor", "api", _select_names_no_tensor, engine.ProbeEngineError,
+         ("select=1", "layer 'pair'", "tuple(Tensor[2, 36] float32, None)"),
+         _absent("s.zarr")),
+    Case("select key matches no layer", "api", _select_key_unknown, LayerNotFoundError,
+         ("select", "'rleu'", "'relu'"), _absent("s.zarr")),
     Case("split name escapes the store", "api", _split_name_escapes, DataError,
          ("'../outside'", "split name"), _absent("s.zarr")),
     # solve

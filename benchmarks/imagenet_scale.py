@@ -285,6 +285,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         solved = {"ours": ours(store, arrays, grid, args.device)}
         print(f"ours: {solved['ours']['seconds']:.1f} s (grid {solved['ours']['grid_s']:.1f} s,"
               f" features {solved['ours']['features']})", flush=True)
+        # Everything of ours runs before the peers: once scikit-learn and cyanure have run
+        # their thread pools in this process, MKL's threaded QR (the preconditioner's) was
+        # seen to spin without end (sched_yield in mkl_lapack_sgeqrf; two OpenMP runtimes).
+        # cost slopes of ours, then the out-of-core pass against the resident one
+        ns = [rows // 4, rows // 2, rows]
+        tn = [pass_seconds(xtr[:n], ytr[:n], grid, device)[0] for n in ns]
+        ds = [args.width // 4, args.width // 2, args.width]
+        td = [pass_seconds(np.ascontiguousarray(xtr[:, :d]), ytr, grid, device)[0]
+              for d in ds]
+        s_rows, s_width = slope(ns, tn), slope(ds, td)
+        budget = xtr.nbytes // 4  # half of train's float16 features: they stream
+        t_res, where_res = pass_seconds(None, None, grid, device, store=store)
+        t_ooc, where_ooc = pass_seconds(None, None, grid, device, budget=budget, store=store)
+        t0 = time.perf_counter()
+        streamed = ours(store, arrays, grid, args.device, max_memory=budget)
+        t_streamed = time.perf_counter() - t0
+        print(f"ours, train streamed within {budget / 2**20:.0f} MiB: {t_streamed:.1f} s; one "
+              f"pass {t_ooc:.3f} s streamed ({where_ooc}), {t_res:.3f} s resident "
+              f"({where_res}): {t_ooc / t_res:.2f}x; slopes rows {s_rows:.2f}, features "
+              f"{s_width:.2f}", flush=True)
+
         # the CPU peers of a GPU run see the first peer_rows rows of each split
         small = arrays if peer_rows == rows else _first(arrays, peer_rows)
         peers = {"sklearn-lbfgs": (sklearn_fit("lbfgs"), small),
@@ -321,23 +342,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            if name in refit_obj else []))
                 for name, o in objectives.items()}
 
-        # cost slopes of ours, then the out-of-core pass against the resident one
-        ns = [rows // 4, rows // 2, rows]
-        tn = [pass_seconds(xtr[:n], ytr[:n], grid, device)[0] for n in ns]
-        ds = [args.width // 4, args.width // 2, args.width]
-        td = [pass_seconds(np.ascontiguousarray(xtr[:, :d]), ytr, grid, device)[0]
-              for d in ds]
-        s_rows, s_width = slope(ns, tn), slope(ds, td)
-        budget = xtr.nbytes // 4  # half of train's float16 features: they stream
-        t_res, where_res = pass_seconds(None, None, grid, device, store=store)
-        t_ooc, where_ooc = pass_seconds(None, None, grid, device, budget=budget, store=store)
         print("objectives (float64; ours at lambdas it did not keep: its float32 sums):")
         for name, o in objectives.items():
             print(f"  {name:<18} " + " ".join(f"{o[lam]:.7f}" for lam in grid)
                   + (f"  refit {refit_obj[name]:.7f}" if name in refit_obj else ""))
-        t0 = time.perf_counter()
-        streamed = ours(store, arrays, grid, args.device, max_memory=budget)
-        t_streamed = time.perf_counter() - t0
 
     test_x, test_y = arrays["test"]
     common = {"rows": rows, "width": args.width, "classes": args.classes,

@@ -4,7 +4,7 @@
     store = engine.open_store("probes.zarr")
 """
 
-from . import datasets, models
+from . import datasets, models, text
 from .build import build_store
 from .errors import (
     DataError,
@@ -32,6 +32,7 @@ from .schedule import cluster
 from .solve import solve
 from .store import Store, VerifyReport, load_results, open_store
 from .sweep import sweep
+from .text import TextDataset
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreMismatchError",
+    "TextDataset",
     "VerifyReport",
     "build_store",
     "datasets",
@@ -66,4 +68,5 @@ __all__ = [
     "models",
     "open_store",
     "solve",
+    "text",
 ]

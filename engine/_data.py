@@ -59,14 +59,21 @@ class SplitSource:
         for inputs, labels in loader:
             _check_labels(labels, self.name, row)
             # pinned here, not by the DataLoader, which fails on batches already on a GPU
-            if pin_memory and inputs.device.type == "cpu" and not inputs.is_pinned():
-                inputs = inputs.pin_memory()
+            if pin_memory:
+                inputs = (_pinned(inputs) if isinstance(inputs, torch.Tensor) else
+                          {k: _pinned(v) for k, v in inputs.items()})
             yield inputs, labels
             row += len(labels)
 
 
 def _passthrough(batch):
     return batch
+
+
+def _pinned(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and not x.is_pinned():
+        return x.pin_memory()
+    return x
 
 
 class _Checked(Dataset):
@@ -104,9 +111,12 @@ def check_item(item: Any, split: str, index: int) -> None:
             f"so that it returns (tensor, int)"
         )
     x, y = item[0], item[1]
-    if not isinstance(x, torch.Tensor):
-        raise DataError(f"{where}: the input is a {type(x).__name__}, not a torch.Tensor; "
-                        f"add a ToTensor() transform")
+    tensors = isinstance(x, Mapping) and x and all(isinstance(v, torch.Tensor)
+                                                   for v in x.values())
+    if not isinstance(x, torch.Tensor) and not tensors:
+        raise DataError(f"{where}: the input is a {type(x).__name__}, not a torch.Tensor (nor "
+                        f"a dict of them: the model's keyword arguments); add a ToTensor() "
+                        f"transform")
     if isinstance(y, torch.Tensor):
         if y.numel() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise DataError(f"{where}: the label is a {y.dtype} tensor of shape "
@@ -255,7 +265,10 @@ def sample_digest(split: SplitSource, samples: int = 3) -> str:
     h.update(split.index.tobytes())
     positions = sorted({0, split.rows // 2, split.rows - 1})[:samples]
     batch = split.fetch(positions)
-    h.update(batch.inputs.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    inputs = batch.inputs if isinstance(batch.inputs, Mapping) else {"": batch.inputs}
+    for key in sorted(inputs):
+        h.update(key.encode())
+        h.update(inputs[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     h.update(batch.labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 

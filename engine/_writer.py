@@ -181,10 +181,16 @@ class CaptureJob:
     sites: list[Site]
     reductions: dict[str, Reduction]
     extras: dict[str, Any] = field(default_factory=dict)
+    select: dict[str, int | str] = field(default_factory=dict)  # module -> selector
 
     @property
     def label_names(self) -> list[str]:
         return ["y", *sorted(self.extras)]
+
+    def selector(self, site: Site) -> int | str | None:
+        """The selector that picked ``site``'s tensor (outputs and the model input)."""
+        return (self.select.get(site.module)
+                if site.side == "output" or not site.module else None)
 
 
 def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.StoreMeta, *,
@@ -205,7 +211,7 @@ def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.Sto
     opts = job.options
     dtype = TORCH_DTYPES[opts.dtype]
     capture = Capture(runner, job.sites, job.reductions, sides=opts.sites, dtype=dtype,
-                      finite_sums=opts.nan_policy == "raise")
+                      finite_sums=opts.nan_policy == "raise", select=job.select)
     keys, labels = capture.keys, job.label_names
     dims = {k: job.reductions[k].dim for k in keys}
 

@@ -23,8 +23,9 @@ from . import _lock, _zarr, schedule
 from . import format as fmt
 from ._data import check_targets, extra_labels, resolve_splits, sample_digest
 from ._fingerprint import differences, model_fingerprint
+from ._outputs import selectors
 from ._writer import CaptureJob, write_rows
-from .capture import Runner, Site, discover_sites, select_modules
+from .capture import Capture, Runner, Site, discover_sites, select_modules
 from .errors import (
     InvalidArgumentError,
     StoreCorruptedError,
@@ -46,6 +47,7 @@ def build_store(
     *,
     layers: Any = "auto",
     sites: Sequence[str] | str = ("output",),
+    select: Mapping[str, int | str] | None = None,
     reduce: str | Mapping[str, str] = "auto",
     max_features: int = 8192,
     dtype: str = "float16",
@@ -73,13 +75,22 @@ def build_store(
             training flags, device and memory format restored afterwards.
         data: a Dataset or DataLoader of ``(input, int label)``, or a mapping of split name
             to one. A single dataset, or a mapping without ``"valid"``, gives ``valid_size``
-            rows of its ``"train"`` split (seeded by ``seed``) to a ``"valid"`` split.
+            rows of its ``"train"`` split (seeded by ``seed``) to a ``"valid"`` split. An
+            input may be a dict of tensors, run as ``model(**input)`` (tokenised text:
+            :class:`engine.datasets.TextDataset`).
         layers: ``"auto"`` (the model input and every conv, linear, activation and pooling
             module), or names, globs and module types; see :func:`engine.capture.select_modules`.
         sites: ``"output"`` and/or ``"input"`` side of each selected module.
-        reduce: ``"none"``, ``"pool"``, ``"pool:HxW"``, ``"subsample:K"`` or ``"auto"``
-            (by ``max_features``), or a dict of layer key / module name / glob -> spec
-            (unlisted layers: ``"auto"``).
+        select: which tensor of a layer's structured output to probe, ``{module name or
+            glob: int position or str key}``. Without an entry, a tuple or list gives its
+            first floating-point tensor, a dict or ``ModelOutput`` its
+            ``last_hidden_state`` (else ``hidden_states``, else its first floating-point
+            tensor); see ``docs/capture.md``.
+        reduce: ``"none"``, ``"pool"``, ``"pool:HxW"``, ``"subsample:K"``,
+            ``"tokens:mean"`` (``:max``, ``:cls``, ``:first``, ``:last``: a token sequence,
+            padding excluded) or ``"auto"`` (token sequences: ``"tokens:mean"``; else by
+            ``max_features``), or a dict of layer key / module name / glob -> spec
+            (unlisted layers: ``"auto"``); see :mod:`engine.reduce`.
         dtype: storage dtype, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
         labels: extra label arrays, ``{name: callable(y) -> labels or array indexed by the
             source dataset's item index}``, stored beside ``y``.
@@ -116,7 +127,7 @@ def build_store(
         The :class:`Store`, complete.
     """
     options = CaptureOptions(
-        sites=sites, reduce=reduce, max_features=max_features, dtype=dtype,
+        sites=sites, select=select, reduce=reduce, max_features=max_features, dtype=dtype,
         num_classes=num_classes, valid_size=valid_size, seed=seed, batch_size=batch_size,
         device=device, autocast=autocast, channels_last=channels_last,
         block_bytes=block_bytes, compressor=compressor, nan_policy=nan_policy)
@@ -134,18 +145,25 @@ def build_store(
         raise StoreError(f"cannot write to {checked} (read-only or no permission); choose a "
                          f"writable path for the store")
 
-    modules = select_modules(model, layers)
+    first = splits[0]
+    probe = first.fetch(list(range(min(2, first.rows))))
+    modules = select_modules(model, layers, probe.inputs)
+    chosen = selectors(options.select or {}, modules)
     runner = Runner(model, options.device, options.autocast, options.channels_last)
     with _lock.hold(path), runner:
         existing = fmt.describe_path(path)  # again, now that no other writer can change it
         _check_path(path, existing, resume=resume, overwrite=overwrite)
-        first = splits[0]
-        probe = first.fetch(list(range(min(2, first.rows))))
         found = discover_sites(model, modules, options.sites,
-                               lambda: runner.forward(probe.inputs))
+                               lambda: runner.forward(probe.inputs), chosen)
         reductions = resolve_reductions(options.reduce, found,
                                         max_features=options.max_features, seed=options.seed)
-        job = CaptureJob(options, batch, splits, [site for site, _ in found], reductions, extras)
+        job = CaptureJob(options, batch, splits, [site for site, _ in found], reductions, extras,
+                         chosen)
+        # the first rows once through every reduction (an attention mask that does not fit
+        # a layer's tokens, a spec that does not fit its values) before anything is written
+        dry = Capture(runner, job.sites, reductions, sides=options.sites, select=chosen)
+        with dry.hooked():
+            dry.batch(probe.inputs)
         wanted = _metadata(model, job, found)
         if existing and overwrite:
             fmt.remove_store(path)
@@ -203,7 +221,7 @@ def _metadata(model: nn.Module, job: CaptureJob, found: list[tuple[Site, tuple]]
             classes=list(map(str, classes)) if classes is not None else None),
         layers=[fmt.LayerMeta(site.key, site.module, site.side, site.call,
                               tuple(int(n) for n in shape), job.reductions[site.key].dim,
-                              job.reductions[site.key].spec)
+                              job.reductions[site.key].spec, job.selector(site))
                 for site, shape in found],
         splits={s.name: fmt.SplitMeta(s.rows) for s in splits},
         config=opts.store_config(batch_size=job.batch_size, block_rows=block_rows,

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from ._outputs import selectors
 from .capture import Capture, Runner, discover_sites, select_modules
 from .datasets import collate
 from .errors import InvalidArgumentError
@@ -71,13 +72,15 @@ class ProbeMonitor(lightning.Callback):
         opts = self.options
         runner = Runner(model, next(model.parameters()).device)
         loader = DataLoader(dataset, batch_size=opts.batch_size, collate_fn=collate)
-        modules = select_modules(model, self.layers)
         first = collate([dataset[i] for i in range(min(2, len(dataset)))])[0]
-        found = discover_sites(model, modules, opts.sites, lambda: runner.forward(first))
+        modules = select_modules(model, self.layers, first)
+        chosen = selectors(opts.select or {}, modules)
+        found = discover_sites(model, modules, opts.sites, lambda: runner.forward(first),
+                               chosen)
         reductions = resolve_reductions(opts.reduce, found, max_features=opts.max_features,
                                         seed=opts.seed)
         capture = Capture(runner, [site for site, _ in found], reductions, sides=opts.sites,
-                          dtype=torch.float32)
+                          dtype=torch.float32, select=chosen)
         feats: dict[str, list[torch.Tensor]] = {key: [] for key in capture.keys}
         labels = []
         with runner:

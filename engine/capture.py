@@ -18,12 +18,15 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.activation import MultiheadAttention
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.pooling import (
     _AdaptiveAvgPoolNd,
     _AdaptiveMaxPoolNd,
@@ -33,13 +36,14 @@ from torch.nn.modules.pooling import (
 )
 
 from ._devices import resolve_device
+from ._outputs import Selector, pick
 from .errors import InvalidArgumentError, LayerNotFoundError, ProbeEngineError
 from .format import name_problem
 from .options import check_sites
-from .reduce import Reduction
+from .reduce import CHANNELS_FIRST, TOKENS, Reduction
 
 __all__ = ["Site", "select_modules", "discover_sites", "hooked", "is_auto_type", "Runner",
-           "Capture", "model_device"]
+           "Capture", "model_device", "layout_of", "StopForward"]
 
 _POOLING = (_MaxPoolNd, _AvgPoolNd, _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _LPPoolNd)
 _GLOB_CHARS = set("*?[")
@@ -53,6 +57,12 @@ class Site:
     module: str
     side: str
     call: int = 0
+    layout: str | None = None  # CHANNELS_FIRST, TOKENS or None (unknown): see layout_of
+
+
+class StopForward(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a hook once every probe site of a batch has run: the rest of the forward
+    pass computes nothing a probe needs (:class:`Capture`)."""
 
 
 def is_auto_type(m: nn.Module) -> bool:
@@ -62,6 +72,42 @@ def is_auto_type(m: nn.Module) -> bool:
     return type(m).__module__ == "torch.nn.modules.activation" and not isinstance(
         m, MultiheadAttention
     )
+
+
+_CHANNELS_FIRST_TYPES = (_ConvNd, *_POOLING, _BatchNorm, _InstanceNorm, nn.GroupNorm,
+                         nn.Upsample)
+_TOKEN_TYPES = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
+                MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+#: modules (by their Python module) whose activations are token sequences (B, T, D)
+_TOKEN_MODULES = ("transformers.", "torchvision.models.vision_transformer")
+
+
+def _own_layout(m: nn.Module) -> str | None:
+    if isinstance(m, _CHANNELS_FIRST_TYPES):
+        return CHANNELS_FIRST
+    if isinstance(m, _TOKEN_TYPES):
+        return TOKENS
+    cls = type(m)
+    if cls.__module__.startswith(_TOKEN_MODULES):
+        # transformers' conv front ends (wav2vec2, whisper) are channels first; its
+        # Conv1D (GPT-2) is a linear layer
+        return CHANNELS_FIRST if "Conv" in cls.__name__ and cls.__name__ != "Conv1D" else TOKENS
+    return None
+
+
+def layout_of(model: nn.Module, name: str) -> str | None:
+    """Where the channels of module ``name``'s activations are: :data:`CHANNELS_FIRST`
+    (conv, pooling, batch norm: (C, L), (C, H, W)), :data:`TOKENS` (linear, layer norm,
+    attention, transformer blocks, every ``transformers`` module and torchvision's ViT:
+    (T, D)), by its own type, else by its nearest ancestor's; None when nothing says."""
+    by_name = dict(model.named_modules())
+    parts = name.split(".") if name else []
+    for n in range(len(parts), -1, -1):
+        layout = _own_layout(by_name[".".join(parts[:n])])
+        if layout is not None:
+            return layout
+    return None
 
 
 def _not_found(what: str, names: list[str]) -> LayerNotFoundError:
@@ -75,11 +121,12 @@ def _not_found(what: str, names: list[str]) -> LayerNotFoundError:
     )
 
 
-def select_modules(model: nn.Module, layers) -> list[str]:
+def select_modules(model: nn.Module, layers, inputs: Any = None) -> list[str]:
     """Resolve ``layers`` to module names in registration order (``""`` = the model input).
 
     ``layers``: ``"auto"``, or one or a list of exact names, glob patterns, module types,
-    ``"input"`` (the model's input) and ``"auto"``.
+    ``"input"`` (the model's input) and ``"auto"``. Given a batch of ``inputs``, ``"auto"``
+    takes the model input only when it is a floating-point tensor (not token ids).
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]
@@ -99,7 +146,10 @@ def select_modules(model: nn.Module, layers) -> list[str]:
             raise InvalidArgumentError(
                 f"layers: expected names, globs or module types, got {item!r}")
         elif item == "auto":
-            hits = {""} | {n for n, m in named if is_auto_type(m)}
+            floating = inputs is None or (isinstance(inputs, torch.Tensor)
+                                          and inputs.is_floating_point())
+            hits = {""} if floating else set()
+            hits |= {n for n, m in named if is_auto_type(m)}
         elif item == "input":
             hits = {""}
         elif _GLOB_CHARS & set(item):
@@ -135,13 +185,17 @@ Sink = Callable[[Site, torch.Tensor], None]
 
 
 @contextmanager
-def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink: Sink):
+def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink: Sink,
+           select: Mapping[str, Selector] | None = None):
     """Hook ``sides`` of ``modules`` (``""`` = model input) for the duration of the block.
 
-    ``sink(site, tensor)`` sees every call. The model is put in eval mode; every module's
+    ``sink(site, tensor)`` sees every call: the tensor a module got (its first argument)
+    or returned, or the one ``select[module]`` picks from a tuple, dict or ``ModelOutput``
+    (default: :func:`engine._outputs.pick`). The model is put in eval mode; every module's
     training flag is restored and every hook removed on exit, also when forward raised.
     """
     sides = check_sites(sides)
+    select = select or {}
     by_name = dict(model.named_modules())
     calls: dict[tuple[str, str], int] = {}
     handles = []
@@ -149,30 +203,34 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
     pos: dict = {"forward": False, "last": None, "shape": None}
 
     def emit(name: str, side: str, value) -> None:
-        if not isinstance(value, torch.Tensor):
-            where = "model input" if name == "" else f"{side} of layer {name!r}"
-            raise ProbeEngineError(
-                f"the {where} is a {type(value).__name__}, not a tensor; probe a submodule "
-                f"that returns one tensor instead"
-            )
+        where = "model input" if name == "" else f"{side} of layer {name!r}"
+        value = pick(value, select.get(name) if side == "output" or name == "" else None,
+                     where)
         k = calls.get((name, side), 0)
         calls[(name, side)] = k + 1
         site = Site(site_key(name, side, k), name, side, k)
-        sink(site, value)
+        try:
+            sink(site, value)
+        except StopForward:
+            pos["forward"] = False
+            raise
         pos["last"] = site.key
 
-    def reset(_module, args) -> None:
+    def reset(_module, args, kwargs) -> None:
         calls.clear()
-        x = args[0] if args else None
+        x = args[0] if args else next(iter(kwargs.values()), None)
         pos.update(forward=True, last=None,
-                     shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None)
+                   shape=tuple(x.shape) if isinstance(x, torch.Tensor) else None)
 
     def done(_module, _args, _output) -> None:
         pos["forward"] = False
 
     def make_pre(name: str):
         def pre(_module, args, kwargs):
-            value = args[0] if args else next(iter(kwargs.values()), None)
+            # the model's input may be all keywords (a transformers model's input_ids,
+            # attention_mask, ...): then it is their dict
+            value = (args[0] if args else dict(kwargs) if name == ""
+                     else next(iter(kwargs.values()), None))
             emit(name, "input", value)
 
         return pre
@@ -186,7 +244,7 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
     training = {n: m.training for n, m in by_name.items()}
     try:
         # registered first so that it runs before the model-input pre-hook
-        handles.append(model.register_forward_pre_hook(reset))
+        handles.append(model.register_forward_pre_hook(reset, with_kwargs=True))
         handles.append(model.register_forward_hook(done))
         for name in modules:
             if name == "":
@@ -216,17 +274,24 @@ def hooked(model: nn.Module, modules: Iterable[str], sides: Sequence[str], sink:
 
 
 def discover_sites(
-    model: nn.Module, modules: list[str], sides: Sequence[str], forward: Callable[[], None]
+    model: nn.Module, modules: list[str], sides: Sequence[str], forward: Callable[[], None],
+    select: Mapping[str, Selector] | None = None,
 ) -> list[tuple[Site, tuple[int, ...]]]:
     """Run ``forward`` once with recording hooks: every site in firing order with its
-    per-row shape. Modules that never run are an error."""
+    per-row shape and layout. Modules that never run are an error.
+
+    A site's layout is its module's (:func:`layout_of`); a site whose module says nothing
+    (an activation, dropout) takes the layout of the last site before it, in firing order,
+    whose rows had the same shape and a known layout (a ReLU after a Conv1d). The model's
+    own input has no layout: its shape speaks for it.
+    """
     seen: dict[tuple[str, str, int], tuple[Site, tuple[int, ...]]] = {}
 
     def record(site: Site, t: torch.Tensor) -> None:
         seen.setdefault((site.module, site.side, site.call), (site, tuple(t.shape[1:])))
 
     try:
-        with hooked(model, modules, sides, record):
+        with hooked(model, modules, sides, record, select):
             forward()
     except Exception as exc:
         if not isinstance(exc, ProbeEngineError):
@@ -248,7 +313,15 @@ def discover_sites(
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
         raise ProbeEngineError(f"two sites share the key(s) {sorted(dup)}; rename a module")
-    return list(seen.values())
+    found, last = [], {}  # last: per-row shape -> layout of the last site with one
+    for site, shape in seen.values():
+        layout = layout_of(model, site.module) if site.module else None
+        if layout is None and site.module:
+            layout = last.get(shape)
+        elif layout is not None:
+            last[shape] = layout
+        found.append((replace(site, layout=layout), shape))
+    return found
 
 
 # -- running the model -------------------------------------------------------------------
@@ -294,12 +367,20 @@ class Runner:
         if self.moves:
             self.model.to(self.home)
 
-    def forward(self, inputs: torch.Tensor) -> None:
+    def forward(self, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        """Run the model on a batch: ``model(inputs)``, or ``model(**inputs)`` for a dict
+        of tensors (a tokenised text batch: ``input_ids``, ``attention_mask``, ...)."""
+        amp = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+               else nullcontext())
+        if isinstance(inputs, Mapping):
+            kwargs = {k: v.to(self.device, non_blocking=True)
+                      if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            with torch.inference_mode(), amp:
+                self.model(**kwargs)
+            return
         x = inputs.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
-               else nullcontext())
         with torch.inference_mode(), amp:
             self.model(x)
 
@@ -315,7 +396,10 @@ class Capture:
 
     Each site's reduction runs inside its hook, on the model's device, before anything
     crosses to the host; on CUDA the cast to ``dtype`` happens there too (half the bytes on
-    the bus). With ``finite_sums``, each site's sum is kept per batch (:meth:`take_sums`):
+    the bus). A batch of dict inputs with an ``attention_mask`` gives token reductions
+    their mask. Once the last site of a batch has run, the forward pass stops there
+    (:class:`StopForward`): probing the first blocks of a deep model costs those blocks.
+    With ``finite_sums``, each site's sum is kept per batch (:meth:`take_sums`):
     a sum is finite iff every term is, as long as it cannot overflow (float16 terms, below
     65504, are summed in float32, wider ones in float64), at a fraction of the cost of
     ``isfinite().all()``.
@@ -323,8 +407,11 @@ class Capture:
 
     def __init__(self, runner: Runner, sites: Sequence[Site], reductions: Mapping[str, Reduction],
                  *, sides: Sequence[str] = ("output",), dtype: torch.dtype = torch.float32,
-                 finite_sums: bool = False):
+                 finite_sums: bool = False, select: Mapping[str, Selector] | None = None,
+                 stop_early: bool = True):
         self.runner, self.sites, self.reductions = runner, list(sites), reductions
+        self.select, self.stop_early = dict(select or {}), stop_early
+        self._mask: torch.Tensor | None = None
         self.sides, self.dtype = check_sites(sides), dtype
         self.keys = [s.key for s in self.sites]
         self.cuda = runner.device.type == "cuda"
@@ -338,7 +425,7 @@ class Capture:
     def hooked(self) -> Iterator[Capture]:
         """Hook the sites for the block (eval mode; every flag and hook restored after)."""
         modules = list(dict.fromkeys(s.module for s in self.sites))
-        with hooked(self.runner.model, modules, self.sides, self._sink):
+        with hooked(self.runner.model, modules, self.sides, self._sink, self.select):
             yield self
 
     def _sink(self, site: Site, t: torch.Tensor) -> None:
@@ -346,7 +433,7 @@ class Capture:
             raise ProbeEngineError(
                 f"site {site.key!r} ran in this batch but not in the first one (data-dependent "
                 f"control flow); list the layers that always run in `layers`")
-        out = self.reductions[site.key](t)
+        out = self.reductions[site.key](t, self._mask)
         if self.cuda:
             out = out.to(self.dtype)
         if self._dest is not None:
@@ -357,6 +444,8 @@ class Capture:
         self._out[site.key] = dest
         if self._finite_sums:
             self._sums.append((site.key, (out if self.cuda else dest).sum(dtype=self._acc)))
+        if self.stop_early and len(self._out) == len(self.keys):
+            raise StopForward
 
     def batch(self, inputs: torch.Tensor,
               into: Callable[[int], Mapping[str, torch.Tensor]] | None = None
@@ -364,12 +453,16 @@ class Capture:
         """Run one batch (inside :meth:`hooked`): ``{key: (B, D)}``, the views ``into(B)``
         gave, else new tensors. With ``into``, copies from a GPU may still be in flight:
         synchronise before reading them; without, they are done."""
-        self._dest = None if into is None else into(len(inputs))
+        self._dest = None if into is None else into(_rows(inputs))
         self._out = {}
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        self._mask = None if mask is None else mask.to(self.runner.device, non_blocking=True)
         try:
             self.runner.forward(inputs)
+        except StopForward:
+            pass
         finally:
-            self._dest = None
+            self._dest, self._mask = None, None
         if len(self._out) != len(self.keys):
             raise ProbeEngineError(
                 f"{len(self._out)} of the {len(self.keys)} probe sites ran in this batch "
@@ -388,3 +481,10 @@ class Capture:
         with self.hooked():
             for inputs, labels in batches:
                 yield self.batch(inputs), labels
+
+
+def _rows(inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
+    """The batch size of a tensor or of a dict of tensors (its first tensor's)."""
+    if isinstance(inputs, Mapping):
+        return len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
+    return len(inputs)

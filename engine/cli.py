@@ -165,13 +165,17 @@ def _verify(args) -> int:
 def _demo(args) -> int:
     """The main job on the embedded default data: the paper's MNIST convnet on Fashion-MNIST,
     probed at initialisation and after training, with its report."""
-    from .demo import run
+    from .demo import run, run_vit
 
     t0 = time.perf_counter()
-    print(f"probe-engine demo{' (quick)' if args.quick else ''}: mnist_convnet on "
-          f"Fashion-MNIST, at initialisation and after training -> {args.out}/", flush=True)
-    results, page = run(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet,
-                        log=lambda m: print(m, flush=True))
+    what = ("small_vit on Fashion-MNIST, each block by its class token and by the mean of its "
+            "tokens" if args.vit else "mnist_convnet on Fashion-MNIST, at initialisation and "
+            "after training")
+    print(f"probe-engine demo{' (quick)' if args.quick else ''}: {what} -> {args.out}/",
+          flush=True)
+    results, page = (run_vit if args.vit else run)(
+        args.out, quick=args.quick, seed=args.seed, progress=not args.quiet,
+        log=lambda m: print(m, flush=True))
     for state, res in results.items():
         print(f"\n{state}:\n{res}")
     print(f"\nreport: {page}\ndone in {time.perf_counter() - t0:.0f} s")
@@ -218,6 +222,7 @@ EXAMPLES = {
     "demo": [
         "probe-engine demo                                    # about 7 minutes on 2 cores",
         "probe-engine demo --quick --out /tmp/demo            # about a minute",
+        "probe-engine demo --vit --quick --out /tmp/vit       # a small ViT, CLS vs mean",
     ],
 }
 
@@ -288,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo", help="folder for the two stores and report/")
     d.add_argument("--quick", action="store_true",
                    help="3,000 train and 1,000 test rows, one training epoch (about a minute)")
+    d.add_argument("--vit", action="store_true",
+                   help="a small ViT instead, each block probed by its class token and by "
+                        "the mean of its tokens (quick: 2,000 train and 500 test rows)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=_demo)

@@ -74,13 +74,15 @@ _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 
 
 class Batch(NamedTuple):
-    """An already-collated batch: ``inputs`` float32 (B, C, H, W), ``labels`` int64 (B,).
+    """An already-collated batch: ``inputs`` float32 (B, C, H, W) (or a dict of (B, ...)
+    tensors, the model's keyword arguments: :class:`engine.text.TextDataset`), ``labels``
+    int64 (B,).
 
     A dataset may return one from ``__getitems__(indices)`` so that the DataLoader skips
     per-item work; the collate function must then pass it through unchanged.
     """
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
 
 

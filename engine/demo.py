@@ -21,7 +21,7 @@ from .report import report
 from .results import ProbeResults
 from .solve import solve
 
-__all__ = ["run"]
+__all__ = ["run", "run_vit"]
 
 #: (probe rows of train, of test, valid rows carved from train, model training rows, epochs)
 SIZES = {"full": (60_000, 10_000, 10_000, 60_000, 2), "quick": (3_000, 1_000, 500, 12_000, 1)}
@@ -77,4 +77,52 @@ def run(out: str | Path = "demo", *, quick: bool = False, seed: int = 0,
     ]
     page = report(results, out / "report", title="Linear probes of the MNIST convnet on "
                   "Fashion-MNIST: at initialisation and after training", notes=notes)
+    return results, page
+
+
+#: the ViT demo: (probe rows of train, of test, valid rows, model training rows, epochs)
+VIT_SIZES = {"full": (20_000, 5_000, 5_000, 60_000, 3), "quick": (2_000, 500, 400, 12_000, 2)}
+
+
+def run_vit(out: str | Path = "demo-vit", *, quick: bool = False, seed: int = 0,
+            progress: bool = True, log=print) -> tuple[dict[str, ProbeResults], Path]:
+    """A small ViT (:func:`engine.models.small_vit`) trained briefly on Fashion-MNIST, every
+    block probed twice, by its class token (``tokens:cls``) and by the mean of its tokens
+    (``tokens:mean``), side by side in one report (``probe-engine demo --vit``)."""
+    out = Path(out)
+    n_train, n_test, n_valid, n_fit, epochs = VIT_SIZES["quick" if quick else "full"]
+    train, test = datasets.fashion_mnist("train"), datasets.fashion_mnist("test")
+    data = {"train": train.subset(0, n_train), "test": test.subset(0, n_test)}
+    torch.manual_seed(seed)
+    vit = models.small_vit()
+    t0 = time.perf_counter()
+    losses = models.train(vit, train.subset(0, n_fit), epochs=epochs, seed=seed,
+                          progress=progress)
+    log(f"trained small_vit for {epochs} epoch(s) on {n_fit} images in "
+        f"{time.perf_counter() - t0:.0f} s (last epoch's loss {losses[-1]:.3f})")
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(len(vit.encoder.layers))]
+    results = {}
+    for name, spec in (("CLS token", "tokens:cls"), ("mean of tokens", "tokens:mean")):
+        t0 = time.perf_counter()
+        store = build_store(vit, data, out / f"{spec.split(':')[1]}.zarr", overwrite=True,
+                            layers=[*blocks, "encoder.ln"], reduce=spec, seed=seed,
+                            valid_size=n_valid, progress=progress)
+        t1 = time.perf_counter()
+        results[name] = solve(store, run="demo", seed=seed, progress=progress,
+                              **PROBE["quick"])
+        log(f"{name}: captured {sum(store.rows(s) for s in store.splits)} rows in "
+            f"{t1 - t0:.0f} s, probes fitted in {time.perf_counter() - t1:.0f} s")
+    err = {s: r.error("test") for s, r in results.items()}
+    last = "encoder.ln"
+    notes = [
+        f"A {len(blocks)}-block ViT (16 patches of 7x7 and a class token, width 64) trained "
+        f"for {epochs} epoch(s) on {n_fit} Fashion-MNIST images; probes on {n_train - n_valid} "
+        f"rows, early stopping on {n_valid}, tested on {n_test}.",
+        f"Each block is probed twice: by its class token and by the mean of its 17 tokens. "
+        f"After the final norm the test errors are {err['CLS token'][last]:.3f} (CLS) and "
+        f"{err['mean of tokens'][last]:.3f} (mean); at the first block "
+        f"{err['CLS token'][blocks[0]]:.3f} and {err['mean of tokens'][blocks[0]]:.3f}.",
+    ]
+    page = report(results, out / "report", title="Linear probes of a small ViT on "
+                  "Fashion-MNIST: class token against mean of tokens", notes=notes)
     return results, page

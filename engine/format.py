@@ -202,7 +202,9 @@ class _Reader:
 @dataclass
 class LayerMeta:
     """One probe site: ``name`` (the layer key, also its arrays' name), the module and side
-    it was captured at, the per-row activation shape and the reduction that made ``dim``."""
+    it was captured at, the per-row activation shape, the reduction that made ``dim``, and
+    the ``select``-or (int position or str key) that picked the tensor out of a structured
+    output (absent: the default pick)."""
 
     name: str
     module: str
@@ -211,6 +213,7 @@ class LayerMeta:
     shape: tuple[int, ...]
     dim: int
     reduction: str
+    select: int | str | None = None
 
     @property
     def subsample(self) -> int | None:
@@ -219,13 +222,17 @@ class LayerMeta:
         return int(k) if kind == "subsample" else None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "module": self.module, "site": self.site, "call": self.call,
-                "shape": list(self.shape), "dim": self.dim, "reduction": self.reduction}
+        out = {"name": self.name, "module": self.module, "site": self.site, "call": self.call,
+               "shape": list(self.shape), "dim": self.dim, "reduction": self.reduction}
+        if self.select is not None:
+            out["select"] = self.select
+        return out
 
     @classmethod
     def from_json(cls, r: _Reader) -> LayerMeta:
         return cls(r("name", str), r("module", str), r("site", str), r("call", int),
-                   tuple(r("shape", list)), r("dim", int), r("reduction", str))
+                   tuple(r("shape", list)), r("dim", int), r("reduction", str),
+                   r("select", (int, str), None))
 
 
 @dataclass

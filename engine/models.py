@@ -96,6 +96,24 @@ class SkipMLP(nn.Module):
         return self.logits(h)
 
 
+def small_vit(num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
+              patch_size: int = 7, layers: int = 4, hidden: int = 64, heads: int = 4
+              ) -> nn.Module:
+    """A small torchvision ``VisionTransformer`` for 28x28 images (Fashion-MNIST): 16 patches
+    of 7x7 plus a class token, ``layers`` blocks of width ``hidden``; its patch embedding
+    takes ``in_channels``. Blocks are ``encoder.layers.encoder_layer_<i>``, each (B, 17,
+    hidden) channels last."""
+    from torchvision.models import VisionTransformer
+
+    vit = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=layers,
+                            num_heads=heads, hidden_dim=hidden, mlp_dim=2 * hidden,
+                            num_classes=num_classes)
+    if in_channels != 3:
+        vit.conv_proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size,
+                                  stride=patch_size)
+    return vit
+
+
 def load_model(name: str, *, weights: str | None = None, num_classes: int | None = None
                ) -> nn.Module:
     """A model by name: ``"mnist_convnet"`` or any torchvision classification model

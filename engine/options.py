@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ._outputs import check_select
 from ._precond import RANK
 from .errors import InvalidArgumentError
 from .format import COMPRESSORS, DTYPES, StoreConfig, check_name
@@ -95,6 +96,10 @@ def _reduce(value: Any, name: str) -> str | dict[str, str]:
     return value if isinstance(value, str) else dict(value)
 
 
+def _select(value: Any, name: str) -> dict[str, int | str] | None:
+    return check_select(value, name) or None
+
+
 def _valid_size(value: Any, name: str) -> int | float | str | None:
     ok = (value in ("auto", 0, None)
           or (isinstance(value, float) and 0 < value < 1)
@@ -167,6 +172,17 @@ def _cli_reduce(values: list[str]) -> str | dict[str, str]:
             raise InvalidArgumentError(f"{v!r}: give one SPEC, or LAYER=SPEC pairs only "
                                        f"(e.g. --reduce 'layer*=pool' fc=none)")
         out[key] = spec
+    return out
+
+
+def _cli_select(values: list[str]) -> dict[str, int | str]:
+    out: dict[str, int | str] = {}
+    for v in values:
+        key, sep, sel = v.rpartition("=")
+        if not sep or not key or not sel:
+            raise InvalidArgumentError(f"{v!r}: give LAYER=INDEX or LAYER=KEY pairs (e.g. "
+                                       f"--select 'encoder.layer.*=0' pooler=pooler_output)")
+        out[key] = int(sel) if sel.lstrip("-").isdigit() else sel
     return out
 
 
@@ -297,8 +313,13 @@ class CaptureOptions(Options):
     sites: tuple[str, ...] = option(("output",), "the input and/or output side of each "
                                     "selected module", check=check_sites,
                                     cli={"nargs": "+", "choices": SITES})
-    reduce: Any = option("auto", "'none', 'pool', 'pool:HxW', 'subsample:K' or 'auto' (by "
-                         "max_features); per layer: LAYER=SPEC pairs", check=_reduce,
+    select: Any = option(None, "which tensor of a layer's tuple, dict or ModelOutput to "
+                         "probe (default: last_hidden_state, else the first floating-point "
+                         "one): LAYER=INDEX or LAYER=KEY pairs", check=_select,
+                         cli={"nargs": "+", "convert": _cli_select, "metavar": "LAYER=SEL"})
+    reduce: Any = option("auto", "'none', 'pool', 'pool:HxW', 'subsample:K', 'tokens:mean' "
+                         "(:max, :cls, :first, :last) or 'auto' (by max_features); per "
+                         "layer: LAYER=SPEC pairs", check=_reduce,
                          cli={"nargs": "+", "convert": _cli_reduce, "metavar": "SPEC"})
     max_features: int = option(8192, "'auto' reduces a layer with more features than this",
                                check=positive)

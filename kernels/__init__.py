@@ -3,28 +3,21 @@ torch references with the same signatures.
 
 ``softmax_xent`` picks the fused CUDA kernel for CUDA tensors of a supported dtype when CuPy is
 installed, and the torch reference otherwise (CPU runs, float64, no CuPy).
+
+This folder installs as ``engine.kernels``. Imported as a top-level ``kernels`` (a checkout's
+root on ``sys.path``, as ``python -m pytest`` and ``python -m benchmarks`` put it), it would
+shadow PyPI's ``kernels``, which ``transformers`` imports: that import is handed over to the
+installed distribution (:mod:`._shadow`).
 """
 
 from __future__ import annotations
 
-import torch
+if __name__ == "kernels":
+    from ._shadow import hand_over
 
-from . import cuda, reference
+    hand_over()
+else:
+    from . import cuda, reference
+    from ._api import softmax_xent, uses_cuda_kernel
 
 __all__ = ["softmax_xent", "uses_cuda_kernel", "cuda", "reference"]
-
-
-def uses_cuda_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`softmax_xent` runs the fused CUDA kernel for logits on ``device``."""
-    return device.type == "cuda" and dtype in cuda.KERNELS and cuda.available()
-
-
-def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1.0,
-                 grad: bool = True, ignore_index: int = -1):
-    """Loss sums, hit counts and (in place) gradient of K probes' (K, B, C) logits; see
-    :func:`engine.kernels.reference.softmax_xent` for the contract."""
-    if uses_cuda_kernel(logits.device, logits.dtype):
-        return cuda.softmax_xent(logits, labels, scale=scale, grad=grad,
-                                 ignore_index=ignore_index)
-    return reference.softmax_xent(logits, labels, scale=scale, grad=grad,
-                                  ignore_index=ignore_index)

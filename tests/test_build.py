@@ -335,7 +335,7 @@ class _Exploding(nn.Module):
 
 
 def test_forward_that_raises_midway_leaves_a_consistent_store(tmp_path, fashion):
-    model = _Exploding(after=4)  # discovery pass + 3 batches of 64, then it fails
+    model = _Exploding(after=5)  # two passes of the first rows + 3 batches of 64, then fails
     model.train()
     path = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError, match="boom"):
@@ -499,7 +499,8 @@ def test_cuda_capture_matches_cpu(tmp_path):
 
 
 class _Skipping(nn.Module):
-    """Runs its second layer only on the first call: data-dependent control flow."""
+    """Runs its second layer only on the first three calls (the two passes of the first rows
+    and the first batch): data-dependent control flow."""
 
     def __init__(self):
         super().__init__()
@@ -509,7 +510,7 @@ class _Skipping(nn.Module):
     def forward(self, x):
         self.calls += 1
         h = self.a(x.flatten(1))
-        return self.b(h) if self.calls <= 2 else h
+        return self.b(h) if self.calls <= 3 else h
 
 
 def test_a_site_that_stops_firing_is_an_error_not_stale_rows(tmp_path, fashion):

@@ -245,26 +245,45 @@ class _Tuple(nn.Module):
         return x, x * 2
 
 
-def test_tuple_output_names_the_layer():
+def test_tuple_output_gives_its_first_tensor():
     model = nn.Sequential(OrderedDict([("lin", nn.Linear(3, 3)), ("pair", _Tuple())]))
-    before = _hook_counts(model)
     x = torch.randn(2, 3)
-    with pytest.raises(ProbeEngineError, match=r"layer 'pair'.*tuple"):
-        discover_sites(model, ["pair"], ("output",), lambda: model(x))
-    assert _hook_counts(model) == before
-    # its input side is a tensor and fine
+    seen = []
+    with hooked(model, ["pair"], ("output",), lambda s, t: seen.append(t.clone())):
+        model(x)
+    torch.testing.assert_close(seen[0], model.lin(x), rtol=0, atol=0)
+    # select picks another element; its input side is a tensor and fine
+    seen.clear()
+    with hooked(model, ["pair"], ("output",), lambda s, t: seen.append(t.clone()), {"pair": 1}):
+        model(x)
+    torch.testing.assert_close(seen[0], 2 * model.lin(x), rtol=0, atol=0)
     found = discover_sites(model, ["pair"], ("input",), lambda: model(x))
     assert [(s.key, shape) for s, shape in found] == [("pair:input", (3,))]
 
 
-def test_non_tensor_model_input():
+def test_output_without_a_tensor_names_the_layer_and_structure():
+    class Nothing(nn.Module):
+        def forward(self, x):
+            return None, "x"
+
+    model = nn.Sequential(OrderedDict([("lin", nn.Linear(3, 3)), ("none", Nothing())]))
+    before = _hook_counts(model)
+    with pytest.raises(ProbeEngineError, match=r"layer 'none' is tuple\(None, str\)"):
+        discover_sites(model, ["none"], ("output",), lambda: model(torch.randn(2, 3)))
+    assert _hook_counts(model) == before
+
+
+def test_dict_model_input():
     class DictIn(nn.Module):
         def forward(self, batch):
             return batch["x"] * 2
 
     model = DictIn()
-    with pytest.raises(ProbeEngineError, match="model input.*dict"):
-        discover_sites(model, [""], ("output",), lambda: model({"x": torch.ones(2, 3)}))
+    found = discover_sites(model, [""], ("output",), lambda: model({"x": torch.ones(2, 3)}))
+    assert [(s.key, shape) for s, shape in found] == [("input", (3,))]
+    ids = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    with pytest.raises(ProbeEngineError, match="model input is dict.*no floating-point"):
+        discover_sites(model, [""], ("output",), lambda: model(ids))
 
 
 def test_keyword_model_input():

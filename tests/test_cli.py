@@ -85,6 +85,26 @@ def test_errors_are_one_line_and_exit_1_usage_errors_2(tmp_path, capsys):
     assert usage.value.code == 2
 
 
+@pytest.mark.slow
+def test_demo_vit_quick(tmp_path, capsys):
+    """The ViT demo: every block by its class token and by its mean, in one report."""
+    out = tmp_path / "vit"
+    assert cli.main(["demo", "--vit", "--quick", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"report: {out / 'report' / 'index.html'}" in text
+    assert "CLS token:" in text and "mean of tokens:" in text
+    cls = engine.load_results(out / "cls.zarr", run="demo").error("test")
+    mean = engine.load_results(out / "mean.zarr", run="demo").error("test")
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+    assert list(cls.index) == list(mean.index) == [*blocks, "encoder.ln"]
+    assert [layer.reduction for layer in engine.open_store(out / "cls.zarr").meta.layers] == [
+        "tokens:cls"] * 5
+    # sane numbers (chance: 0.9), and the class token, trained to gather the image, says more
+    # at the last block than at the first
+    assert (cls < 0.35).all() and (mean < 0.35).all()
+    assert cls[blocks[-1]] < cls[blocks[0]] - 0.03
+
+
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0

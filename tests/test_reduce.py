@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ProbeEngineError
-from engine.reduce import Reduction, ReductionError, parse_reduction, resolve_reduction
+from engine.reduce import (
+    CHANNELS_FIRST,
+    TOKENS,
+    Reduction,
+    ReductionError,
+    parse_reduction,
+    resolve_reduction,
+)
 
 KW = {"key": "layer", "max_features": 8192, "seed": 0}
 
@@ -176,9 +183,10 @@ def test_subsample_indices_and_values():
     assert torch.equal(out, t.flatten(1)[:, torch.from_numpy(idx)])
     # a second call (cached device indices) gives the same result
     assert torch.equal(r(t), out)
-    # non-contiguous input
-    tt = t.transpose(1, 3)
-    assert torch.equal(r(tt), tt.reshape(4, -1)[:, torch.from_numpy(idx)])
+    # non-contiguous input of the same shape
+    tt = t.transpose(1, 3).contiguous().transpose(1, 3)
+    assert not tt.is_contiguous()
+    assert torch.equal(r(tt), out)
 
 
 def test_subsample_is_deterministic_in_seed_and_key():
@@ -256,7 +264,8 @@ def test_auto_global_pool_when_only_1x1_fits():
 
 @pytest.mark.parametrize("shape", [(300, 50), (30, 4, 5, 6)])
 def test_auto_pools_other_multi_axis_layers(shape):
-    r = resolve_reduction("auto", shape, key="k", max_features=1000, seed=0)
+    layout = CHANNELS_FIRST if len(shape) == 2 else None  # (C, L): only when known
+    r = resolve_reduction("auto", shape, key="k", max_features=1000, seed=0, layout=layout)
     assert (r.spec, r.dim) == ("pool", shape[0])
 
 
@@ -301,9 +310,9 @@ def test_pool_grid_on_2d_layer():
     with pytest.raises(ReductionError, match="'seq'"):
         resolve_reduction("pool:2x2", (8, 10), key="seq", max_features=10, seed=0)
     r = resolve_reduction("pool:2x2", (8, 10), key="seq", max_features=10, seed=0,
-                          strict=False)
+                          strict=False, layout=CHANNELS_FIRST)
     assert (r.spec, r.dim) == ("pool", 8)  # a global spec falls back to a global pool
-    # a global pool of the same layer is fine either way
+    # a pool given for this very layer takes its channels first, as a conv map's
     assert resolve_reduction("pool", (8, 10), key="seq", max_features=10, seed=0).dim == 8
 
 
@@ -400,3 +409,74 @@ def test_cputile_mean_equals_avg_pool2d(shape, tile):
     x = torch.randn(shape)
     torch.testing.assert_close(tile_mean(x, *tile), F.avg_pool2d(x, tile), rtol=1e-6,
                                atol=1e-6)
+
+
+# -- token sequences (B, T, D) -----------------------------------------------------------
+def _masked(b=3, t=5, d=4):
+    x = _randn(b, t, d)
+    mask = torch.tensor([[1, 1, 1, 0, 0],    # right padding
+                         [0, 0, 1, 1, 1],    # left padding
+                         [1, 1, 1, 1, 1]])[:b, :t]
+    return x, mask
+
+
+@pytest.mark.parametrize("mode", ["mean", "max", "cls", "first", "last"])
+def test_token_reductions_equal_a_hand_computation(mode):
+    x, mask = _masked()
+    r = resolve_reduction(f"tokens:{mode}", (5, 4), layout=TOKENS, **KW)
+    assert (r.kind, r.dim) == ("tokens", 4)
+    rows = []
+    for i in range(3):
+        real = x[i][mask[i].bool()]  # the non-padding tokens, in order
+        rows.append({"mean": real.mean(0), "max": real.amax(0), "cls": x[i, 0],
+                     "first": real[0], "last": real[-1]}[mode])
+    torch.testing.assert_close(r(x, mask), torch.stack(rows))
+    # without a mask every token counts
+    whole = {"mean": x.mean(1), "max": x.amax(1), "cls": x[:, 0], "first": x[:, 0],
+             "last": x[:, -1]}[mode]
+    torch.testing.assert_close(r(x), whole)
+    # another sequence length in a later batch is fine
+    assert r(_randn(2, 9, 4)).shape == (2, 4)
+
+
+def test_token_reduction_errors_name_the_layer():
+    r = resolve_reduction("tokens:mean", (5, 4), layout=TOKENS, **KW)
+    x, mask = _masked()
+    with pytest.raises(ReductionError, match=r"layer 'layer'.*attention mask is \(3, 4\)"):
+        r(x, mask[:, :4])
+    with pytest.raises(ReductionError, match=r"layer 'layer'.*\(batch, tokens, 4\)"):
+        r(_randn(3, 5, 6))
+    with pytest.raises(ReductionError, match="tokens:mean, tokens:max"):
+        parse_reduction("tokens:median")
+    for shape, layout in [((4, 5), CHANNELS_FIRST), ((3, 4, 5), None), ((7,), TOKENS)]:
+        with pytest.raises(ReductionError, match=r"layer 'layer'.*needs \(tokens, channels\)"):
+            resolve_reduction("tokens:cls", shape, layout=layout, **KW)
+
+
+def test_layout_decides_pool_and_auto_of_a_sequence():
+    kw = {"key": "blk", "max_features": 16, "seed": 0}
+    for spec in ("pool", "auto"):  # a (T, D) sequence: averaged over its tokens
+        r = resolve_reduction(spec, (50, 8), layout=TOKENS, **kw)
+        assert (r.spec, r.dim) == ("tokens:mean", 8)
+        x = _randn(2, 50, 8)
+        torch.testing.assert_close(r(x), x.mean(1))
+    # a (C, L) map: over its length
+    r = resolve_reduction("pool", (8, 50), layout=CHANNELS_FIRST, **kw)
+    assert (r.spec, r.dim) == ("pool", 8)
+    # unknown: never guessed, and the message says what to write
+    for spec in ("pool", "auto"):
+        with pytest.raises(ReductionError, match=r"layer 'blk'.*\{'blk': 'tokens:mean'\}"):
+            resolve_reduction(spec, (50, 8), strict=False, key="blk", max_features=100, seed=0)
+    # channels last with more axes (a (H, W, C) map): never pooled over H
+    assert resolve_reduction("auto", (4, 4, 8), layout=TOKENS, **kw).spec == "subsample:16"
+    with pytest.raises(ReductionError, match="channels last"):
+        resolve_reduction("pool", (4, 4, 8), layout=TOKENS, **kw)
+    # one token spec for every layer adapts to the others
+    assert resolve_reduction("tokens:last", (7,), strict=False, **kw).spec == "none"
+    assert resolve_reduction("tokens:last", (3, 4, 4), strict=False, **kw).spec == "pool"
+
+
+def test_fixed_shape_reduction_refuses_another_length():
+    r = resolve_reduction("none", (5, 4), layout=TOKENS, **KW)
+    with pytest.raises(ReductionError, match=r"layer 'layer'.*\(7, 4\) in this batch.*tokens:"):
+        r(_randn(2, 7, 4))
