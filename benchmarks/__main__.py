@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import capture, imagenet_scale, kernel, precision, scaling, solve
+from . import capture, imagenet_scale, kernel, precision, scaling, solve, text_capture
 
 BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling, "imagenet": imagenet_scale}
 GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
-CPU_ONLY = {"precision": precision}
+CPU_ONLY = {"precision": precision, "text": text_capture}
 
 
 def main() -> None:

@@ -177,8 +177,8 @@ def machine() -> str:
         return torch.cuda.get_device_name(0)
     cpu = platform.machine()
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                 if ln.startswith("model name")]
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
         pass

@@ -130,9 +130,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--texts", type=int, help="default 512 (quick: 256)")
+    ap.add_argument("--hidden", type=int, help="default 256 (quick: 128)")
+    ap.add_argument("--device", default="cpu", help="cpu only: the ratios are CPU figures")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    n, max_words, hidden, batch_size = (96, 48, 128, 16) if args.quick else (512, 128, 256, 32)
+    if args.device != "cpu":
+        ap.error("the text capture benchmark runs on the CPU (--device cpu)")
+    n, max_words, hidden, batch_size = (256, 64, 128, 32) if args.quick else (512, 128, 256, 32)
+    n, hidden = args.texts or n, args.hidden or hidden
     vocab = 1000
     texts, labels = corpus(n, max_words, vocab)
     data = engine.TextDataset(texts, labels, tokenizer=words(vocab))

@@ -73,3 +73,19 @@ def test_imagenet_scale_runs_the_protocol_at_one_objective_for_every_solver(tmp_
     assert len(by_case["pass time vs rows"]["seconds"]) == 3
     assert json.loads((tmp_path / "r.json").read_text())["results"] == json.loads(
         json.dumps(results, default=float))
+
+
+def test_text_capture_compares_every_way_at_the_same_features(tmp_path):
+    from benchmarks import text_capture
+
+    rows = text_capture.main(["--quick", "--texts", "24", "--hidden", "32", "--repeats", "1",
+                              "--json", str(tmp_path / "t.json")])
+    by_case = {r["case"]: r for r in rows}
+    ours = by_case["text ours / plain forward"]
+    assert ours["target"] == 1.3 and ours["ratio"] > 0 and ours["texts"] == 24
+    # ours (float16 in the store) equals the hand loop over output_hidden_states
+    assert ours["max_abs_diff_vs_loop"] < 5e-3
+    # every activation of a batch against one block of pooled rows
+    assert ours["run_with_cache_held_bytes"] > 10 * ours["ours_block_bytes"]
+    assert set(by_case) == {f"text {n} / plain forward" for n in
+                            ("ours", "hidden_states_loop", "run_with_cache", "ours_first_3")}
