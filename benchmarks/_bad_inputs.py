@@ -473,6 +473,13 @@ def _mask_misfits_tokens(tmp):
            reduce={"drop": "tokens:mean"}, valid_size=0)
 
 
+def _token_labels_misaligned(tmp):
+    texts = ["ab", "abc", "b"] * 4
+    data = engine.TextDataset(texts, tokenizer=lambda t: [ord(c) % 31 + 1 for c in t],
+                              token_labels=[[0, 1]] * len(texts))  # "abc" has 3 tokens
+    _build(tmp, model=_TinyText(), data=data, layers=["embed"], rows="tokens", valid_size=0)
+
+
 def _tokens_on_a_conv_map(tmp):
     _build(tmp, reduce={"relu": "tokens:mean"})
 
@@ -853,6 +860,9 @@ CASES: list[Case] = [
          ("layer 'fc'", "no spatial axes", "'none'"), _absent("s.zarr")),
     Case("attention mask does not fit the tokens", "api", _mask_misfits_tokens, ReductionError,
          ("layer 'drop'", "attention mask is (2, 3)", "2 rows of 2 tokens", "'tokens:cls'"),
+         _absent("s.zarr")),
+    Case("token labels misaligned with tokens", "api", _token_labels_misaligned, DataError,
+         ("text 1", "2 token labels for its 3 tokens", "one label per token id"),
          _absent("s.zarr")),
     Case("token reduction on a conv map", "api", _tokens_on_a_conv_map, ReductionError,
          ("layer 'relu'", "'tokens:mean'", "(tokens, channels)", "(4, 6, 6)", "'pool'"),

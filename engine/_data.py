@@ -46,8 +46,10 @@ class SplitSource:
     def rows(self) -> int:
         return len(self.index)
 
-    def batches(self, start: int, batch_size: int, *, pin_memory: bool = False):
-        """(inputs, labels) batches of rows [start, N), validated."""
+    def batches(self, start: int, batch_size: int, *, pin_memory: bool = False,
+                tokens: bool = False):
+        """(inputs, labels) batches of rows [start, N), validated (``tokens``: labels are
+        (B, T) per token, checked by :func:`engine._tokens.keep_mask`)."""
         loader = DataLoader(
             _Checked(self.dataset, self.name, self.collate_fn),
             batch_size=batch_size,
@@ -57,7 +59,8 @@ class SplitSource:
         )
         row = start
         for inputs, labels in loader:
-            _check_labels(labels, self.name, row)
+            if not tokens:
+                _check_labels(labels, self.name, row)
             # pinned here, not by the DataLoader, which fails on batches already on a GPU
             if pin_memory:
                 inputs = (_pinned(inputs) if isinstance(inputs, torch.Tensor) else

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import format as fmt
 from ._data import SplitSource, compute_extra
+from ._tokens import keep_mask
 from .capture import Capture, Runner, Site
 from .errors import DataError, NonFiniteError, StoreError
 from .options import CaptureOptions
@@ -182,10 +183,16 @@ class CaptureJob:
     reductions: dict[str, Reduction]
     extras: dict[str, Any] = field(default_factory=dict)
     select: dict[str, int | str] = field(default_factory=dict)  # module -> selector
+    #: rows="tokens": split -> (items + 1,) first token row of each item, then the total
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def label_names(self) -> list[str]:
         return ["y", *sorted(self.extras)]
+
+    def rows(self, split: SplitSource) -> int:
+        """The store rows of ``split``: its items, or (rows="tokens") its stored tokens."""
+        return int(self.offsets[split.name][-1]) if self.offsets else split.rows
 
     def selector(self, site: Site) -> int | str | None:
         """The selector that picked ``site``'s tensor (outputs and the model input)."""
@@ -204,7 +211,8 @@ def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.Sto
     block_rows = meta.config.block_rows
     num_classes = meta.dataset.num_classes
     if ranges is None:
-        ranges = {s.name: (meta.splits[s.name].rows_committed, s.rows) for s in job.splits}
+        ranges = {s.name: (meta.splits[s.name].rows_committed, meta.splits[s.name].rows)
+                  for s in job.splits}
     todo = [s for s in job.splits if s.name in ranges and ranges[s.name][0] < ranges[s.name][1]]
     if not todo:
         return
@@ -220,6 +228,8 @@ def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.Sto
                 for k in keys}
         bufs.update({f"label:{n}": torch.empty(block_rows, dtype=torch.int64) for n in labels})
         bufs["index"] = torch.empty(block_rows, dtype=torch.int64)
+        if job.offsets:
+            bufs["position"] = torch.empty(block_rows, dtype=torch.int64)
         return bufs
 
     free: queue.Queue[dict] = queue.Queue()
@@ -239,8 +249,19 @@ def write_rows(runner: Runner, job: CaptureJob, group: zarr.Group, meta: fmt.Sto
     writer = BlockWriter(group, on_commit or commit, lambda b: free.put(b.buffers),
                          only=only, where=path)
     total = sum(ranges[s.name][1] - ranges[s.name][0] for s in todo)
-    bar = tqdm(total=total, unit="row", unit_scale=True, disable=not progress,
-               desc=f"build {Path(path).name}", smoothing=0.1, mininterval=0.5)
+    bar = tqdm(total=total, unit="token" if job.offsets else "row", unit_scale=True,
+               disable=not progress, desc=f"build {Path(path).name}", smoothing=0.1,
+               mininterval=0.5)
+    if job.offsets:
+        try:
+            with capture.hooked():
+                for split in todo:
+                    _write_tokens(capture, job, split, ranges[split.name], block_rows, free,
+                                  writer, bar, path)
+        finally:
+            bar.close()
+            writer.close()
+        return
     t0 = time.perf_counter()
     try:
         with capture.hooked():
@@ -342,4 +363,84 @@ def _fill_block(split: SplitSource, bufs: dict, b0: int, b1: int, job: CaptureJo
     for name in job.label_names:
         block.arrays[fmt.labels_path(split.name, name)] = bufs[f"label:{name}"][:n].numpy()
     block.arrays[fmt.index_path(split.name)] = bufs["index"][:n].numpy()
+    return block
+
+
+def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: tuple[int, int],
+                  block_rows: int, free: queue.Queue, writer: BlockWriter, bar,
+                  path: str) -> None:
+    """Token rows [start, stop) of ``split`` (a whole number of blocks, but the last) into
+    the store. The capture starts at the batch holding row ``start``: batches always begin
+    at multiples of the batch size, so a resumed or sharded build sees the batches an
+    uninterrupted one saw (the same arrays, bit for bit), and drops the rows before
+    ``start``. Rows gather in the block buffers, which a batch may fill and spill over."""
+    start, stop = rows
+    offsets, size = job.offsets[split.name], job.batch_size
+    item = int(np.searchsorted(offsets, start, side="right")) - 1
+    item -= item % size
+    row = int(offsets[item])  # the token row of the first stored token of that batch
+    keys = capture.keys
+    bufs, b0, at = _take(free, writer), start, 0
+
+    def flush() -> None:
+        nonlocal bufs, b0, at
+        writer.put(_token_block(split, bufs, b0, b0 + at, keys))
+        bufs, b0, at = (_take(free, writer), b0 + at, 0) if b0 + at < stop else (None, 0, 0)
+
+    for inputs, y in split.batches(item, size, pin_memory=capture.cuda, tokens=True):
+        keep = keep_mask(inputs, y, split.name, item)
+        n = int(keep.sum())
+        if n:
+            where = f"items {item}..{item + len(y) - 1}, token rows {row}..{row + n - 1}"
+            try:
+                feats = capture.batch(inputs, mask=keep.to(capture.runner.device))
+            except Exception as exc:
+                exc.add_note(f"probe-engine: on split {split.name!r}, {where} of the store "
+                             f"{path}; rows before {b0} are committed. Fix the model or data "
+                             f"and rerun build_store with resume=True to finish.")
+                raise
+            if job.options.nan_policy == "raise":
+                for key in keys:
+                    bad = (~torch.isfinite(feats[key].float())).any(dim=1).nonzero()
+                    if len(bad):
+                        raise NonFiniteError(
+                            f"layer {key!r}, split {split.name!r}, row "
+                            f"{row + int(bad[0])} ({where}): the activation holds NaN or inf "
+                            f"(after the cast to the storage dtype). Rows before {b0} are "
+                            f"committed. Pass nan_policy='ignore' to store them as they are.")
+            b, t = keep.nonzero(as_tuple=True)
+            # a position counts the item's own tokens: left padding does not shift it
+            first = (inputs["attention_mask"] != 0).to(torch.uint8).argmax(dim=1)
+            cols = {**feats, "label:y": y[keep], "index": torch.from_numpy(
+                split.index[item : item + len(y)])[b], "position": t - first[b]}
+            lo, hi = max(0, start - row), min(n, stop - row)
+            while lo < hi:
+                take = min(hi - lo, block_rows - at)
+                for name, col in cols.items():
+                    bufs[name][at : at + take].copy_(col[lo : lo + take])
+                at, lo = at + take, lo + take
+                bar.update(take)
+                if at == block_rows or b0 + at == stop:
+                    flush()
+        row += n
+        item += len(y)
+        if row >= stop:
+            return
+    raise DataError(f"split {split.name!r} yielded fewer tokens than counted before the "
+                    f"build ({stop}); the dataset changed during the build")
+
+
+def _token_block(split: SplitSource, bufs: dict, b0: int, b1: int, keys: list[str]) -> Block:
+    n = b1 - b0
+    block = Block(split.name, b0, b1)
+    block.buffers = bufs
+    for k in keys:
+        t = bufs[k][:n]
+        arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 \
+            else t.numpy()
+        block.arrays[fmt.features_path(split.name, k)] = arr
+        block.nbytes += arr.nbytes
+    block.arrays[fmt.labels_path(split.name)] = bufs["label:y"][:n].numpy()
+    block.arrays[fmt.index_path(split.name)] = bufs["index"][:n].numpy()
+    block.arrays[fmt.position_path(split.name)] = bufs["position"][:n].numpy()
     return block

@@ -24,6 +24,7 @@ from . import format as fmt
 from ._data import check_targets, extra_labels, resolve_splits, sample_digest
 from ._fingerprint import differences, model_fingerprint
 from ._outputs import selectors
+from ._tokens import keep_mask, token_offsets
 from ._writer import CaptureJob, write_rows
 from .capture import Capture, Runner, Site, discover_sites, select_modules
 from .errors import (
@@ -47,6 +48,7 @@ def build_store(
     *,
     layers: Any = "auto",
     sites: Sequence[str] | str = ("output",),
+    rows: str = "items",
     select: Mapping[str, int | str] | None = None,
     reduce: str | Mapping[str, str] = "auto",
     max_features: int = 8192,
@@ -81,6 +83,12 @@ def build_store(
         layers: ``"auto"`` (the model input and every conv, linear, activation and pooling
             module), or names, globs and module types; see :func:`engine.capture.select_modules`.
         sites: ``"output"`` and/or ``"input"`` side of each selected module.
+        rows: ``"items"`` (a row per dataset item) or ``"tokens"``: a row per labelled token
+            of every sequence (items of dict inputs with an ``attention_mask`` and (T,)
+            labels, -1 for a token not to store: ``engine.TextDataset(...,
+            token_labels=...)``), each layer (a (T, D) sequence) stored token by token;
+            ``<split>/index`` and ``<split>/position`` give each row's item and position.
+            A sequence is never split between splits. See ``docs/capture.md``.
         select: which tensor of a layer's structured output to probe, ``{module name or
             glob: int position or str key}``. Without an entry, a tuple or list gives its
             first floating-point tensor, a dict or ``ModelOutput`` its
@@ -127,8 +135,9 @@ def build_store(
         The :class:`Store`, complete.
     """
     options = CaptureOptions(
-        sites=sites, select=select, reduce=reduce, max_features=max_features, dtype=dtype,
-        num_classes=num_classes, valid_size=valid_size, seed=seed, batch_size=batch_size,
+        sites=sites, rows=rows, select=select, reduce=reduce, max_features=max_features,
+        dtype=dtype, num_classes=num_classes, valid_size=valid_size, seed=seed,
+        batch_size=batch_size,
         device=device, autocast=autocast, channels_last=channels_last,
         block_bytes=block_bytes, compressor=compressor, nan_policy=nan_policy)
     if not isinstance(model, nn.Module):
@@ -145,6 +154,12 @@ def build_store(
         raise StoreError(f"cannot write to {checked} (read-only or no permission); choose a "
                          f"writable path for the store")
 
+    tokens = options.rows == "tokens"
+    if tokens and extras:
+        raise InvalidArgumentError("labels= (extra label sets, one per item) does not apply "
+                                   "to rows='tokens': the rows' labels are the tokens' own")
+    # rows="tokens": count every split's stored tokens first (tokenising, not the model)
+    offsets = {s.name: token_offsets(s) for s in splits} if tokens else {}
     first = splits[0]
     probe = first.fetch(list(range(min(2, first.rows))))
     modules = select_modules(model, layers, probe.inputs)
@@ -155,15 +170,17 @@ def build_store(
         _check_path(path, existing, resume=resume, overwrite=overwrite)
         found = discover_sites(model, modules, options.sites,
                                lambda: runner.forward(probe.inputs), chosen)
-        reductions = resolve_reductions(options.reduce, found,
+        reductions = resolve_reductions(_token_specs(options.reduce, found) if tokens else
+                                        options.reduce, found,
                                         max_features=options.max_features, seed=options.seed)
         job = CaptureJob(options, batch, splits, [site for site, _ in found], reductions, extras,
-                         chosen)
+                         chosen, offsets)
         # the first rows once through every reduction (an attention mask that does not fit
         # a layer's tokens, a spec that does not fit its values) before anything is written
         dry = Capture(runner, job.sites, reductions, sides=options.sites, select=chosen)
         with dry.hooked():
-            dry.batch(probe.inputs)
+            dry.batch(probe.inputs, mask=keep_mask(probe.inputs, probe.labels, first.name, 0)
+                      if tokens else None)
         wanted = _metadata(model, job, found)
         if existing and overwrite:
             fmt.remove_store(path)
@@ -178,6 +195,12 @@ def build_store(
         indices = {k: r.indices for k, r in reductions.items() if r.indices is not None}
         fmt.ensure_arrays(group, wanted, indices, repair=repair)
         meta = fmt.read_meta(group, path)  # what is committed so far
+        for split in job.splits:  # token rows: the counts of the store's creation
+            if meta.splits[split.name].rows != job.rows(split):
+                raise StoreMismatchError(
+                    f"split {split.name!r} of the store at {path} has "
+                    f"{meta.splits[split.name].rows} rows, the data now gives "
+                    f"{job.rows(split)}; the data changed: pass overwrite=True to rebuild")
         if repair and existing:
             _repair(runner, path, group, meta, job, progress=progress)
         if client is not None:
@@ -188,6 +211,15 @@ def build_store(
         if meta.dataset.num_classes is None and meta.complete:
             fmt.infer_num_classes(group, meta)  # writes only what is not there
     return Store(path)
+
+
+def _token_specs(reduce, found: list[tuple[Site, tuple]]) -> dict[str, str]:
+    """rows="tokens": every layer stores each token's vector whole (``tokens:each``)."""
+    if reduce not in ("auto", "tokens:each"):
+        raise InvalidArgumentError(
+            f"reduce={reduce!r} does not apply to rows='tokens': each token's features are "
+            f"stored whole; leave reduce='auto'")
+    return {site.key: "tokens:each" for site, _ in found}
 
 
 def _check_path(path: str, existing: str | None, *, resume: bool, overwrite: bool) -> None:
@@ -204,8 +236,9 @@ def _metadata(model: nn.Module, job: CaptureJob, found: list[tuple[Site, tuple]]
     """The metadata of a new store for ``job``: nothing committed."""
     opts, splits = job.options, job.splits
     row_bytes = sum(r.dim for r in job.reductions.values()) * fmt.DTYPES[opts.dtype][0].itemsize
-    block_rows = fmt.block_rows_for(row_bytes, job.batch_size, opts.block_bytes,
-                                    max(s.rows for s in splits))
+    # token rows come by the batch in any number: blocks are whole multiples of 64 rows
+    block_rows = fmt.block_rows_for(row_bytes, 64 if job.offsets else job.batch_size,
+                                    opts.block_bytes, max(job.rows(s) for s in splits))
     classes = getattr(splits[0].dataset, "classes", None)
     num_classes = opts.num_classes
     if num_classes is None and classes is not None:
@@ -223,7 +256,7 @@ def _metadata(model: nn.Module, job: CaptureJob, found: list[tuple[Site, tuple]]
                               tuple(int(n) for n in shape), job.reductions[site.key].dim,
                               job.reductions[site.key].spec, job.selector(site))
                 for site, shape in found],
-        splits={s.name: fmt.SplitMeta(s.rows) for s in splits},
+        splits={s.name: fmt.SplitMeta(job.rows(s)) for s in splits},
         config=opts.store_config(batch_size=job.batch_size, block_rows=block_rows,
                                  labels=job.label_names),
     )
@@ -268,7 +301,7 @@ def _repair(runner: Runner, path: str, group: zarr.Group, meta: fmt.StoreMeta, j
         blocks.setdefault(fmt.split_of(array), set()).add(c * step // block_rows * block_rows)
     for split in job.splits:
         for b0 in sorted(blocks.get(split.name, ())):
-            b1 = min(b0 + block_rows, split.rows)
+            b1 = min(b0 + block_rows, job.rows(split))
             write_rows(runner, job, group, meta, path=path, ranges={split.name: (b0, b1)},
                        on_commit=lambda block: None, only=only, progress=progress)
     still = []

@@ -447,15 +447,17 @@ class Capture:
         if self.stop_early and len(self._out) == len(self.keys):
             raise StopForward
 
-    def batch(self, inputs: torch.Tensor,
-              into: Callable[[int], Mapping[str, torch.Tensor]] | None = None
-              ) -> dict[str, torch.Tensor]:
+    def batch(self, inputs: torch.Tensor | Mapping[str, torch.Tensor],
+              into: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
+              mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run one batch (inside :meth:`hooked`): ``{key: (B, D)}``, the views ``into(B)``
         gave, else new tensors. With ``into``, copies from a GPU may still be in flight:
-        synchronise before reading them; without, they are done."""
+        synchronise before reading them; without, they are done. ``mask`` (B, T): the
+        tokens the token reductions see (default: the inputs' ``attention_mask``)."""
         self._dest = None if into is None else into(_rows(inputs))
         self._out = {}
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if mask is None and isinstance(inputs, Mapping):
+            mask = inputs.get("attention_mask")
         self._mask = None if mask is None else mask.to(self.runner.device, non_blocking=True)
         try:
             self.runner.forward(inputs)

@@ -43,7 +43,8 @@ from .errors import (
 __all__ = ["FORMAT_VERSION", "ATTR", "DTYPES", "COMPRESSORS", "MAX_CHUNK_BYTES", "ROOT_FOLDERS",
            "LayerMeta", "SplitMeta", "SourceMeta", "DatasetMeta", "ModelMeta", "StoreConfig",
            "StoreMeta", "check_version", "name_problem", "check_name", "features_path",
-           "labels_path", "index_path", "indices_path", "split_of", "chunk_key", "chunk_prefix",
+           "labels_path", "index_path", "position_path", "indices_path", "split_of",
+           "chunk_key", "chunk_prefix",
            "compressors", "chunk_rows", "block_rows_for", "bf16_bits_to_float32", "open_root",
            "create_root", "read_meta", "write_meta", "ensure_arrays", "write_label_array",
            "infer_num_classes", "run_fingerprint", "start_run", "save_probe", "saved_probes",
@@ -119,6 +120,11 @@ def labels_path(split: str, name: str = "y") -> str:
 
 def index_path(split: str) -> str:
     return f"{split}/index"
+
+
+def position_path(split: str) -> str:
+    """Token rows only: each row's position in its sequence."""
+    return f"{split}/position"
 
 
 def indices_path(layer: str) -> str:
@@ -321,15 +327,20 @@ class StoreConfig:
     channels_last: bool
     compressor: str
     sites: tuple[str, ...]
-    block_rows: int  # the commit unit: a multiple of batch_size and of every chunk's rows
+    block_rows: int  # the commit unit: a multiple of every chunk's rows (and, of items, of
+    # batch_size)
     labels: tuple[str, ...] = ("y",)  # "y", then the extra label sets, sorted
+    rows: str = "items"  # what a row is: a dataset item, or one token of a sequence
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "batch_size": self.batch_size, "seed": self.seed,
-                "valid_size": self.valid_size, "max_features": self.max_features,
-                "autocast": self.autocast, "channels_last": self.channels_last,
-                "compressor": self.compressor, "sites": list(self.sites),
-                "block_rows": self.block_rows, "labels": list(self.labels)}
+        out = {"dtype": self.dtype, "batch_size": self.batch_size, "seed": self.seed,
+               "valid_size": self.valid_size, "max_features": self.max_features,
+               "autocast": self.autocast, "channels_last": self.channels_last,
+               "compressor": self.compressor, "sites": list(self.sites),
+               "block_rows": self.block_rows, "labels": list(self.labels)}
+        if self.rows != "items":  # stores of items read as they always did
+            out["rows"] = self.rows
+        return out
 
     @classmethod
     def from_json(cls, r: _Reader) -> StoreConfig:
@@ -341,7 +352,8 @@ class StoreConfig:
                    r("valid_size", (int, float, str)), r("max_features", int),
                    r("autocast", (str, type(None))), r("channels_last", bool),
                    r("compressor", str, "lz4"), tuple(r("sites", list)),
-                   r("block_rows", int), tuple(r("labels", list, ["y"])))
+                   r("block_rows", int), tuple(r("labels", list, ["y"])),
+                   r("rows", str, "items"))
 
 
 @dataclass
@@ -560,6 +572,9 @@ def ensure_arrays(group: zarr.Group, meta: StoreMeta, indices: dict[str, np.ndar
                    fill_value=-1, dimension_names=("row",), attributes=attrs)
         create(index_path(split), shape=(n,), dtype="int64", chunks=(block_rows,),
                fill_value=-1, dimension_names=("row",))
+        if meta.config.rows == "tokens":
+            create(position_path(split), shape=(n,), dtype="int64", chunks=(block_rows,),
+                   fill_value=-1, dimension_names=("row",))
     for layer in meta.layers:
         if layer.name in indices:
             idx = indices[layer.name]

@@ -313,6 +313,9 @@ class CaptureOptions(Options):
     sites: tuple[str, ...] = option(("output",), "the input and/or output side of each "
                                     "selected module", check=check_sites,
                                     cli={"nargs": "+", "choices": SITES})
+    rows: str = option("items", "what a row of the store is: 'items' (one per dataset item) "
+                       "or 'tokens' (one per labelled token of every sequence)",
+                       choices=("items", "tokens"))
     select: Any = option(None, "which tensor of a layer's tuple, dict or ModelOutput to "
                          "probe (default: last_hidden_state, else the first floating-point "
                          "one): LAYER=INDEX or LAYER=KEY pairs", check=_select,
@@ -359,7 +362,7 @@ class CaptureOptions(Options):
                            valid_size=self.valid_size, max_features=self.max_features,
                            autocast=self.autocast, channels_last=self.channels_last,
                            compressor=self.compressor, sites=self.sites,
-                           block_rows=block_rows, labels=tuple(labels))
+                           block_rows=block_rows, labels=tuple(labels), rows=self.rows)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ hook, on the model's device, before anything is copied to the host. Specs:
 - ``"tokens:mean"`` / ``"tokens:max"``: the mean / maximum of a (T, D) sequence's tokens,
   padding excluded (the batch's attention mask), D = D; ``"tokens:cls"``: token 0 (a ViT's or
   BERT's class token); ``"tokens:first"`` / ``"tokens:last"``: the first / last token that
-  is not padding. Sequences may differ in length from batch to batch.
+  is not padding. Sequences may differ in length from batch to batch. ``"tokens:each"``
+  (every layer of a store of token rows): each stored token's (D,) vector, one row each.
 - ``"auto"``: a token sequence gets ``"tokens:mean"``; anything else ``"none"`` while D <=
   ``max_features``, otherwise conv maps are pooled to the finest square grid that fits
   (preferring, within a factor of two, a grid whose windows tile the map exactly; down to a
@@ -48,8 +49,9 @@ __all__ = ["Reduction", "resolve_reduction", "resolve_reductions", "parse_reduct
 
 _POOL_GRID = re.compile(r"pool:([0-9]+)x([0-9]+)")
 _SUBSAMPLE = re.compile(r"subsample:([0-9]+)")
-#: the reductions of a token sequence (B, T, D) -> (B, D)
-TOKEN_MODES = ("mean", "max", "cls", "first", "last")
+#: the reductions of a token sequence (B, T, D) -> (B, D); "each" (a store of token rows
+#: only): (B, T, D) -> (stored tokens, D)
+TOKEN_MODES = ("mean", "max", "cls", "first", "last", "each")
 #: layouts of a per-row activation: conv maps ((C, L), (C, H, W)) and token sequences (T, D)
 CHANNELS_FIRST, TOKENS = "channels_first", "tokens"
 
@@ -175,11 +177,16 @@ class Reduction:
         (mode,), (b, n, _) = self.params, t.shape
         if mode == "cls":
             return t[:, 0]
+        if mode == "each" and mask is None:
+            raise ReductionError(f"layer {self.key!r}: 'tokens:each' needs the mask of the "
+                                 f"tokens to store (a store of rows='tokens')")
         if mask is not None and tuple(mask.shape) != (b, n):
             raise ReductionError(
                 f"layer {self.key!r}: the attention mask is {tuple(mask.shape)} but the "
                 f"layer has {b} rows of {n} tokens; a layer that adds or drops tokens cannot "
                 f"use the input's mask: use 'tokens:cls' there, or probe another layer")
+        if mode == "each":  # the stored tokens, item by item, in position order
+            return t[mask != 0]
         if mode == "mean":
             if mask is None:
                 return t.mean(dim=1)

@@ -433,8 +433,8 @@ def build_on(client, path: str, group, meta: fmt.StoreMeta, model, job: CaptureJ
     from tqdm.auto import tqdm
 
     block_rows = meta.config.block_rows
-    shards = [(s.name, b0, min(b0 + block_rows, s.rows)) for s in job.splits
-              for b0 in range(meta.splits[s.name].rows_committed, s.rows, block_rows)]
+    shards = [(s.name, b0, min(b0 + block_rows, job.rows(s))) for s in job.splits
+              for b0 in range(meta.splits[s.name].rows_committed, job.rows(s), block_rows)]
     if not shards:  # complete already: write nothing
         return
     todo = [sh for sh in shards if not _marked(path, *sh)]
@@ -473,7 +473,7 @@ def _commit_shards(path: str, group, meta: fmt.StoreMeta, job: CaptureJob) -> No
         labels = [json.loads(fs.cat_file(m))["max_label"] for m in markers]
         if labels:
             info.max_label = max(-1 if info.max_label is None else info.max_label, *labels)
-        info.rows_committed = s.rows
+        info.rows_committed = job.rows(s)
     if meta.dataset.num_classes is None:
         fmt.infer_num_classes(group, meta)  # before the commit that says "complete"
     fmt.write_meta(group, meta)

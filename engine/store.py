@@ -173,9 +173,24 @@ class Store:
         return self._read(self.group[fmt.labels_path(split, name)], 0, stop)
 
     def index(self, split: str) -> np.ndarray:
-        """(N,) int64: row -> index in the split's source dataset."""
+        """(N,) int64: row -> index in the split's source dataset (of a store of token rows:
+        the item, a sequence, the token belongs to)."""
         self._split(split)
         return self._read(self.group[fmt.index_path(split)], 0, self.rows(split))
+
+    @property
+    def token_rows(self) -> bool:
+        """Whether a row is a token of a sequence (``build_store(..., rows="tokens")``)."""
+        return self.meta.config.rows == "tokens"
+
+    def positions(self, split: str) -> np.ndarray:
+        """(N,) int64, a store of token rows only: each row's position in its sequence (its
+        index among the sequence's token ids, padding not counted)."""
+        self._split(split)
+        if not self.token_rows:
+            raise InvalidArgumentError(f"the store at {self.path} has a row per item, not per "
+                                       f"token: it has no positions (see Store.index)")
+        return self._read(self.group[fmt.position_path(split)], 0, self.rows(split))
 
     def num_classes(self, name: str = "y") -> int | None:
         arr = self.group[fmt.labels_path(self.splits[0], name)]
@@ -335,6 +350,8 @@ class Store:
                 (fmt.features_path(split, layer.name), layer.dim, storage_dtype)
                 for layer in meta.layers]
             arrays.append((fmt.index_path(split), None, np.dtype("int64")))
+            if meta.config.rows == "tokens":
+                arrays.append((fmt.position_path(split), None, np.dtype("int64")))
             try:
                 label_names = self.label_names(split)
             except KeyError:
@@ -371,7 +388,16 @@ class Store:
                 report.problems.append(f"{name}: row {int(np.argmax(items < 0))} points at "
                                        f"dataset item {int(items.min())}, which is negative")
             values, counts = np.unique(items, return_counts=True)
-            if (counts > 1).any():
+            if self.token_rows:  # an item's tokens are its rows: (item, position) once each
+                try:
+                    pos = self.group[fmt.position_path(split)][: info.rows_committed]
+                except (KeyError, ValueError, RuntimeError, OSError):
+                    pos = np.arange(len(items))  # reported by _verify_array
+                pairs = np.unique(np.stack([items, pos]), axis=1).shape[1]
+                if pairs < len(items):
+                    report.problems.append(f"{name}: {len(items) - pairs} token row(s) repeat "
+                                           f"an (item, position) pair")
+            elif (counts > 1).any():
                 twice = values[counts > 1]
                 report.problems.append(f"{name}: {len(twice)} dataset item(s) stored more than "
                                        f"once, e.g. item {int(twice[0])}")

@@ -60,34 +60,51 @@ class TextDataset(torch.utils.data.Dataset):
         pad_id: the id padding positions get (their attention mask is 0).
         padding_side: ``"right"`` (encoders) or ``"left"`` (decoders: the last position is
             every row's last token).
+        token_labels: per-token labels instead, for ``build_store(..., rows="tokens")``: one
+            int sequence per text, aligned with its token ids (truncated with them), or a
+            function ``(index, ids) -> labels`` of the same length; -1 marks a token not to
+            store (a special token, a word's second sub-token).
         classes: class names, index k naming label k.
         source: a short provenance string for the store's fingerprint.
 
-    Items are ``({"input_ids": (T,), "attention_mask": (T,)}, label)``; ``__getitems__``
-    gives a padded :class:`engine.datasets.Batch`. A text with no tokens is an error naming
-    its index.
+    Items are ``({"input_ids": (T,), "attention_mask": (T,)}, label)`` (with
+    ``token_labels``: a (T,) label tensor); ``__getitems__`` gives a padded
+    :class:`engine.datasets.Batch` (token labels padded with -1). A text with no tokens, or
+    token labels of another length than its tokens, is an error naming its index.
     """
 
     def __init__(self, texts: Sequence[str] | Iterable[Mapping[str, Any]],
                  labels: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,
                  tokenizer: Any, max_length: int | None = None, pad_id: int = 0,
                  padding_side: str = "right", text_key: str = "text",
-                 label_key: str = "label", classes: Sequence[str] | None = None,
-                 source: str = "text"):
+                 label_key: str = "label", token_labels: Any = None,
+                 classes: Sequence[str] | None = None, source: str = "text"):
         if isinstance(texts, str):
             raise InvalidArgumentError("texts is one string; pass a list of texts")
         table = hasattr(texts, "column_names")  # a datasets.Dataset: read by column
         rows = texts if table or isinstance(texts, Sequence) else list(texts)
+        if token_labels is not None:
+            if labels is not None:
+                raise InvalidArgumentError("pass labels= (one per text) or token_labels= (one "
+                                           "per token), not both")
+            if not callable(token_labels) and len(token_labels) != len(rows):
+                raise DataError(f"{len(rows)} texts but {len(token_labels)} token label "
+                                f"sequences; give one per text")
+            labels = np.zeros(len(rows), dtype=np.int64)  # unused: rows are tokens
         if labels is None:
             if len(rows) and isinstance(rows[0], str):
                 raise InvalidArgumentError("texts are strings: pass their labels= too")
             labels = rows[label_key] if table else [row[label_key] for row in rows]
         self._texts = (rows[text_key] if table else
                        [row if isinstance(row, str) else row[text_key] for row in rows])
-        self.targets = np.asarray(torch.as_tensor(labels).cpu() if isinstance(
+        self.token_labels = token_labels
+        targets = np.asarray(torch.as_tensor(labels).cpu() if isinstance(
             labels, torch.Tensor) else labels)
-        if len(self.targets) != len(self._texts):
-            raise DataError(f"{len(self._texts)} texts but {len(self.targets)} labels; give "
+        if token_labels is None:  # the label check of build_store reads `targets`
+            self.targets = targets
+        self._labels = targets
+        if len(targets) != len(self._texts):
+            raise DataError(f"{len(self._texts)} texts but {len(targets)} labels; give "
                             f"one label per text")
         if max_length is not None and (not isinstance(max_length, numbers.Integral)
                                        or max_length < 1):
@@ -114,19 +131,41 @@ class TextDataset(torch.utils.data.Dataset):
                             f"tokenizer")
         return torch.tensor(ids, dtype=torch.int64)
 
-    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int]:
+    def labels_of(self, index: int, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) int64 token labels of text ``index`` whose token ids are ``ids``."""
+        full = (self.token_labels(index, ids.tolist()) if callable(self.token_labels)
+                else self.token_labels[index])
+        out = torch.as_tensor(np.asarray(full, dtype=np.int64).reshape(-1))
+        if callable(self.token_labels) and len(out) != len(ids):
+            raise DataError(f"text {index}: token_labels gave {len(out)} labels for its "
+                            f"{len(ids)} tokens; give one label per token id")
+        if not callable(self.token_labels):
+            n = len(self.encode(self._texts[index]))  # before truncation
+            if len(out) != n:
+                raise DataError(f"text {index}: {len(out)} token labels for its {n} tokens; "
+                                f"give one label per token id (-1: not stored)")
+        return out[: len(ids)]
+
+    def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], Any]:
         ids = self.tokens(index)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, int(
-            self.targets[index])
+        label = (self.labels_of(index, ids) if self.token_labels is not None
+                 else int(self._labels[index]))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, label
 
     def __getitems__(self, indices: list[int]) -> Batch:
         seqs = [self.tokens(i) for i in indices]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64)
         mask = torch.zeros((len(seqs), width), dtype=torch.int64)
-        for row, s in enumerate(seqs):
+        tokens = self.token_labels is not None
+        if tokens:
+            labels = torch.full((len(seqs), width), -1, dtype=torch.int64)
+        for row, (i, s) in enumerate(zip(indices, seqs, strict=True)):
             at = slice(0, len(s)) if self.padding_side == "right" else slice(width - len(s),
                                                                              width)
             ids[row, at], mask[row, at] = s, 1
-        labels = torch.as_tensor(self.targets[list(indices)], dtype=torch.int64)
+            if tokens:
+                labels[row, at] = self.labels_of(i, s)
+        if not tokens:
+            labels = torch.as_tensor(self._labels[list(indices)], dtype=torch.int64)
         return Batch({"input_ids": ids, "attention_mask": mask}, labels)

@@ -311,6 +311,35 @@ def test_distributed_build_equals_the_single_process_build(fashion, mlp, one, cl
                       if p.is_file()}
 
 
+def test_a_token_row_store_builds_on_the_cluster_as_in_one_process(client, tmp_path):
+    """rows="tokens" on two workers: each task captures its blocks of token rows from the
+    batch holding their first row; the store equals the single-process build."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32)
+    bert = transformers.BertModel(config).eval()
+    rng = np.random.default_rng(0)
+    texts = [" ".join("abcdefgh"[int(i)] for i in rng.integers(0, 8, size=int(n)))
+             for n in rng.integers(3, 20, size=40)]
+    labels = [[int(c in "aeiou") for c in t.split()] for t in texts]
+
+    def build(path, **kw):
+        data = engine.TextDataset(texts, tokenizer=lambda t: [ord(c) - 90 for c in t.split()],
+                                  token_labels=labels)
+        return engine.build_store(bert, data, path, layers=["encoder.layer.0",
+                                                            "encoder.layer.1"],
+                                  rows="tokens", batch_size=6, block_bytes=1, valid_size=0,
+                                  progress=False, **kw)
+
+    one = one_thread(build, tmp_path / "one.zarr")
+    assert one.rows("train") > 3 * one.meta.config.block_rows  # several tasks, cut batches
+    ours = build(tmp_path / "dask.zarr", client=client)
+    _assert_same_store(one.path, ours.path)
+    assert ours.verify().ok
+
+
 def test_a_worker_killed_during_a_build_changes_nothing(fashion, mlp, one, client, tmp_path):
     store, _ = run_killing_a_worker(client, lambda: engine.build_store(
         mlp, fashion, tmp_path / "dask.zarr", client=client, **BUILD))
