@@ -93,3 +93,18 @@ def test_pathological_model_ignores_the_layers_its_skip_bypasses(tmp_path):
     table = pd.read_csv(tmp_path / "report" / "results.csv")
     assert {"layers.0", "layers.63", "layers.127", "logits"} <= set(table.layer)
     assert (tmp_path / "report" / "heatmap.png").exists()
+
+
+def test_language_model_example_finds_the_open_bracket_after_training(tmp_path):
+    """Per-token probes (rows="tokens") of a small GPT-2: which bracket is open is a fact
+    about the prefix, not the word; the trained model's blocks hold it far better than its
+    word embeddings, which cannot."""
+    errors = _example("language_model").main(["--quick", "--out", str(tmp_path), "--quiet"])
+    init, trained = errors["init"], errors["trained"]
+    assert list(trained.index) == ["transformer.wte", *(f"transformer.h.{i}" for i in range(3))]
+    # a word embedding is a function of the word alone, trained or not: the same error
+    assert abs(trained["transformer.wte"] - init["transformer.wte"]) < 0.03
+    assert trained["transformer.h.2"] < trained["transformer.wte"] - 0.15
+    assert trained["transformer.h.2"] < init["transformer.h.2"] - 0.1
+    store = engine.open_store(tmp_path / "trained.zarr")
+    assert store.token_rows and store.verify().ok
