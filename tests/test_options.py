@@ -56,6 +56,12 @@ def test_flags_reach_the_api_as_options():
     assert kwargs == {"reduce": {"conv*": "pool", "fc": "none"}, "valid_size": 0.2,
                       "block_bytes": 8 << 20, "nan_policy": "ignore", "num_classes": 12}
     assert CaptureOptions.from_kwargs(**kwargs).block_bytes == 8 << 20
+    args = cli.parser().parse_args([
+        "build", "s.zarr", "--select", "encoder.layer.*=0", "pooler=pooler_output",
+        "--rows", "tokens", "--reduce", "tokens:cls"])
+    kwargs = from_args(CaptureOptions, args, args.parser)
+    assert kwargs == {"select": {"encoder.layer.*": 0, "pooler": "pooler_output"},
+                      "rows": "tokens", "reduce": "tokens:cls"}
 
 
 @pytest.mark.parametrize(("argv", "words"), [
@@ -63,6 +69,8 @@ def test_flags_reach_the_api_as_options():
     (["solve", "s.zarr", "--l2", "much"], "numbers such as 1e-4"),
     (["build", "s.zarr", "--reduce", "pool", "fc=none"], "LAYER=SPEC pairs only"),
     (["build", "s.zarr", "--block-bytes", "lots"], "64M"),
+    (["build", "s.zarr", "--select", "blk"], "LAYER=INDEX or LAYER=KEY pairs"),
+    (["build", "s.zarr", "--rows", "words"], "invalid choice: 'words'"),
     (["solve", "s.zarr", "--epochs", "0"], "at least 1"),
 ])
 def test_malformed_flags_are_usage_errors(argv, words, capsys):
