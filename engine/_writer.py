@@ -324,7 +324,11 @@ def _take(free: queue.Queue, writer: BlockWriter) -> dict:
 
 
 def _check_finite(sums: list[tuple[str, torch.Tensor]], bufs: dict, split: str, b0: int,
-                  rows: int) -> None:
+                  rows: int, committed: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite row of ``bufs`` (rows
+    ``b0`` on) when a site's sum is not finite; ``committed``: the rows before it are
+    committed (default ``b0``)."""
+    committed = b0 if committed is None else committed
     if not sums:
         return
     ok = torch.isfinite(torch.stack([f for _, f in sums]).cpu())
@@ -338,7 +342,7 @@ def _check_finite(sums: list[tuple[str, torch.Tensor]], bufs: dict, split: str, 
     raise NonFiniteError(
         f"layer {key!r}, split {split!r}, row {b0 + row}: the activation holds NaN or inf "
         f"(after the cast to the storage dtype; float16 tops out at 65504, so large "
-        f"activations may need dtype='bfloat16' or 'float32'). Rows before {b0} are "
+        f"activations may need dtype='bfloat16' or 'float32'). Rows before {committed} are "
         f"committed. Pass nan_policy='ignore' to store non-finite values as they are."
     )
 
@@ -352,6 +356,13 @@ def _fill_block(split: SplitSource, bufs: dict, b0: int, b1: int, job: CaptureJo
     for name in job.label_names[1:]:
         bufs[f"label:{name}"][:n].copy_(torch.from_numpy(
             compute_extra(name, job.extras[name], split, y, index)))
+    return _block(split, bufs, b0, b1, keys, job.label_names)
+
+
+def _block(split: SplitSource, bufs: dict, b0: int, b1: int, keys: list[str],
+           labels: list[str]) -> Block:
+    """The block of rows [b0, b1) whose arrays are views of the filled ``bufs``."""
+    n = b1 - b0
     block = Block(split.name, b0, b1)
     block.buffers = bufs
     for k in keys:
@@ -360,9 +371,11 @@ def _fill_block(split: SplitSource, bufs: dict, b0: int, b1: int, job: CaptureJo
             else t.numpy()
         block.arrays[fmt.features_path(split.name, k)] = arr
         block.nbytes += arr.nbytes
-    for name in job.label_names:
+    for name in labels:
         block.arrays[fmt.labels_path(split.name, name)] = bufs[f"label:{name}"][:n].numpy()
     block.arrays[fmt.index_path(split.name)] = bufs["index"][:n].numpy()
+    if "position" in bufs:  # token rows
+        block.arrays[fmt.position_path(split.name)] = bufs["position"][:n].numpy()
     return block
 
 
@@ -384,7 +397,7 @@ def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: t
 
     def flush() -> None:
         nonlocal bufs, b0, at
-        writer.put(_token_block(split, bufs, b0, b0 + at, keys))
+        writer.put(_block(split, bufs, b0, b0 + at, keys, ["y"]))
         bufs, b0, at = (_take(free, writer), b0 + at, 0) if b0 + at < stop else (None, 0, 0)
 
     for inputs, y in split.batches(item, size, pin_memory=capture.cuda, tokens=True):
@@ -399,15 +412,8 @@ def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: t
                              f"{path}; rows before {b0} are committed. Fix the model or data "
                              f"and rerun build_store with resume=True to finish.")
                 raise
-            if job.options.nan_policy == "raise":
-                for key in keys:
-                    bad = (~torch.isfinite(feats[key].float())).any(dim=1).nonzero()
-                    if len(bad):
-                        raise NonFiniteError(
-                            f"layer {key!r}, split {split.name!r}, row "
-                            f"{row + int(bad[0])} ({where}): the activation holds NaN or inf "
-                            f"(after the cast to the storage dtype). Rows before {b0} are "
-                            f"committed. Pass nan_policy='ignore' to store them as they are.")
+            # the capture's per-site sums of this batch (nan_policy="raise"; else none)
+            _check_finite(capture.take_sums(), feats, split.name, row, n, committed=b0)
             b, t = keep.nonzero(as_tuple=True)
             # a position counts the item's own tokens: left padding does not shift it
             first = (inputs["attention_mask"] != 0).to(torch.uint8).argmax(dim=1)
@@ -428,19 +434,3 @@ def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: t
             return
     raise DataError(f"split {split.name!r} yielded fewer tokens than counted before the "
                     f"build ({stop}); the dataset changed during the build")
-
-
-def _token_block(split: SplitSource, bufs: dict, b0: int, b1: int, keys: list[str]) -> Block:
-    n = b1 - b0
-    block = Block(split.name, b0, b1)
-    block.buffers = bufs
-    for k in keys:
-        t = bufs[k][:n]
-        arr = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 \
-            else t.numpy()
-        block.arrays[fmt.features_path(split.name, k)] = arr
-        block.nbytes += arr.nbytes
-    block.arrays[fmt.labels_path(split.name)] = bufs["label:y"][:n].numpy()
-    block.arrays[fmt.index_path(split.name)] = bufs["index"][:n].numpy()
-    block.arrays[fmt.position_path(split.name)] = bufs["position"][:n].numpy()
-    return block

@@ -42,7 +42,7 @@ def model():
     return TinyEncoder().eval()
 
 
-def _alone(model, text: str) -> list[torch.Tensor]:
+def alone(model, text: str) -> list[torch.Tensor]:
     """Each block's (T, D) output on ``text`` by itself: no padding anywhere."""
     ids = torch.tensor([chars(text)])
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_language_model_store_excludes_padding(model, tmp_path, side):
     assert store.layers == ["layers.0", "layers.1"]
     got0, got1 = store.read("train", "layers.0"), store.read("train", "layers.1")
     for i, text in enumerate(TEXTS):
-        h0, h1 = _alone(model, text)
+        h0, h1 = alone(model, text)
         np.testing.assert_allclose(got0[i], h0.mean(0).numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got1[i], h1[-1].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(store.labels("train"), LABELS)

@@ -5,10 +5,10 @@ in two splits."""
 import numpy as np
 import pytest
 import torch
-from test_text import TEXTS, TinyEncoder, chars
+from test_text import TEXTS, TinyEncoder, alone, chars
 
 import engine
-from engine.errors import DataError, InvalidArgumentError
+from engine.errors import DataError, InvalidArgumentError, NonFiniteError
 from engine.text import TextDataset
 
 
@@ -34,17 +34,6 @@ def _build(model, path, data=None, **kw):
     return engine.build_store(model, data if data is not None else tokens_data(), path, **opts)
 
 
-def _alone(model, text):
-    ids = torch.tensor([chars(text)])
-    with torch.no_grad():
-        h = model.embed(ids)
-        out = []
-        for layer in model.layers:
-            h = layer(h)
-            out.append(h[0])
-    return out
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_rows_are_the_labelled_tokens_of_each_text(model, tmp_path, side):
     store = _build(model, tmp_path / "s.zarr", tokens_data(padding_side=side))
@@ -56,7 +45,7 @@ def test_rows_are_the_labelled_tokens_of_each_text(model, tmp_path, side):
     assert list(zip(item.tolist(), pos.tolist(), y.tolist(), strict=True)) == want
     feats = [store.read("train", "layers.0"), store.read("train", "layers.1")]
     for i, text in enumerate(TEXTS):
-        hand = _alone(model, text)
+        hand = alone(model, text)
         rows = item == i
         for k in range(2):
             np.testing.assert_allclose(feats[k][rows], hand[k][pos[rows]].numpy(),
@@ -129,3 +118,15 @@ def test_bad_token_inputs_are_named_and_nothing_is_written(model, tmp_path):
     with pytest.raises(DataError, match=r"labels of shape \(12,\) do not line up"):
         _build(model, path, per_item)
     assert not path.exists()
+
+
+def test_a_nan_token_is_named_by_its_row_and_nothing_is_committed(tmp_path):
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    with torch.no_grad():
+        model.embed.weight[chars("z")[0]] = float("nan")  # "zzz" is text 4
+    # texts 0-3 store 7 + 16 + 2 + 11 = 36 tokens: the first "z" is row 36
+    with pytest.raises(NonFiniteError, match=r"layer 'embed', split 'train', row 36:.*"
+                                             r"Rows before 0 are committed"):
+        _build(model, tmp_path / "s.zarr", layers=["embed"])
+    assert engine.open_store(tmp_path / "s.zarr").committed("train") == 0
