@@ -1,4 +1,4 @@
-"""The ``probe-engine`` command line: build, solve, info, verify, demo."""
+"""The ``probe-engine`` command line: build, solve, info, verify, report, export, demo."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .build import build_store
 from .errors import InvalidArgumentError, ProbeEngineError
 from .options import CaptureOptions, SolveOptions, add_arguments, cli_positive, from_args
 from .solve import solve
-from .store import open_store
+from .store import load_results, open_store
 
 __all__ = ["main", "parser", "load_data", "API_FLAGS"]
 
@@ -194,6 +194,28 @@ def _report(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """A solved run's probe weights and tables to files other tools read
+    (engine/_export.py)."""
+    from ._export import weights_format
+
+    if not (args.weights or args.table or args.grid):
+        args.parser.error("give --weights, --table or --grid (or several)")
+    if args.weights:
+        weights_format(args.weights)  # a bad suffix fails before the store is read
+    results = load_results(args.path, args.run)
+    if args.weights:
+        results.save_weights(args.weights)
+        print(f"weights: {args.weights} ({len(results.weights)} layers, W and b float32)")
+    if args.table:
+        results.to_parquet(args.table)
+        print(f"table: {args.table} ({len(results.table)} rows, one per layer and split)")
+    if args.grid:
+        results.to_parquet(args.grid, grid=True)
+        print(f"grid: {args.grid} ({len(results.grid)} rows, one per layer and l2)")
+    return 0
+
+
 EXAMPLES = {
     "build": [
         "probe-engine build fmnist.zarr                      # the MNIST convnet on Fashion-MNIST",
@@ -218,6 +240,11 @@ EXAMPLES = {
     "report": [
         "probe-engine report init.zarr trained.zarr --out report/   # one panel per store",
         "probe-engine report fmnist.zarr --run sgd --title 'SGD probes'",
+    ],
+    "export": [
+        "probe-engine export fmnist.zarr --weights probes.safetensors --table errors.parquet",
+        "probe-engine export fmnist.zarr --run sgd --weights sgd.npz   # numpy only",
+        "probe-engine export fmnist.zarr --grid grid.parquet         # every l2 tried",
     ],
     "demo": [
         "probe-engine demo                                    # about 7 minutes on 2 cores",
@@ -287,6 +314,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report", help="folder for index.html and the rest")
     r.add_argument("--title")
     r.set_defaults(func=_report)
+
+    e = _command(sub, "export", "write a solved run's probe weights (safetensors or .npz) and "
+                 "its results table (Parquet)")
+    e.add_argument("path", help="a solved store")
+    e.add_argument("--run", default="default", help="the solve run to export")
+    e.add_argument("--weights", metavar="OUT", help="OUT.safetensors or OUT.npz: every "
+                   "layer's W (D, C) and b (C,) as <layer>/W and <layer>/b")
+    e.add_argument("--table", metavar="OUT", help="OUT.parquet: one row per (layer, split)")
+    e.add_argument("--grid", metavar="OUT", help="OUT.parquet: one row per (layer, l2), "
+                   "every lambda tried")
+    e.set_defaults(func=_export, parser=e)
 
     d = _command(sub, "demo", "the paper's MNIST convnet on Fashion-MNIST, at "
                  "initialisation and after training, with its report")

@@ -13,6 +13,7 @@ __all__ = [
     "DatasetNotFoundError",
     "InvalidArgumentError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "LabelNotFoundError",
     "LayerNotFoundError",
     "NonFiniteError",
@@ -113,3 +114,7 @@ class InvalidArgumentError(ProbeEngineError, ValueError, TypeError):
 
 class MemoryBudgetError(InvalidArgumentError):
     """A memory budget (``max_memory=``) too small for the smallest unit of work."""
+
+
+class MissingDependencyError(ProbeEngineError, ModuleNotFoundError):
+    """An optional package a feature needs (safetensors, pyarrow) that is not installed."""

@@ -197,3 +197,55 @@ def test_help_examples_parse(command, capsys):
         cli.main([command, "--help"])
     assert exit_.value.code == 0
     assert "examples:\n  probe-engine " + command in capsys.readouterr().out
+
+
+def test_export_writes_weights_and_tables(tmp_path, capsys):
+    import pandas as pd
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> TensorDataset:
+        y = rng.integers(0, 3, n)
+        x = (rng.normal(size=(n, 6)) + y[:, None]).astype(np.float32)
+        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+    torch.manual_seed(0)
+    path = tmp_path / "s.zarr"
+    engine.build_store(nn.Sequential(nn.Linear(6, 5), nn.Tanh()),
+                       {"train": split(60), "valid": split(30)}, path, layers=["0", "1"],
+                       reduce="none", dtype="float32", progress=False)
+    engine.solve(path, l2=[1e-3, 1e-2], run="r", progress=False, device="cpu")
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    assert cli.main(["export", str(path), "--run", "r", "--weights", str(out / "w.safetensors"),
+                     "--table", str(out / "t.parquet"), "--grid", str(out / "g.parquet")]) == 0
+    text = capsys.readouterr().out
+    assert f"weights: {out / 'w.safetensors'} (2 layers" in text
+    assert f"table: {out / 't.parquet'} (4 rows" in text and "grid: " in text
+    results = engine.load_results(path, "r")
+    weights = engine.ProbeResults.load_weights(out / "w.safetensors")
+    assert list(weights) == ["0", "1"]
+    for layer, (w, b) in results.weights.items():
+        np.testing.assert_array_equal(weights[layer][0], w, strict=True)
+        np.testing.assert_array_equal(weights[layer][1], b, strict=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "t.parquet"), results.table)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "g.parquet"), results.grid)
+
+    assert cli.main(["export", str(path), "--run", "r", "--weights", str(out / "w.npz")]) == 0
+    assert list(engine.ProbeResults.load_weights(out / "w.npz")) == ["0", "1"]
+
+    capsys.readouterr()  # a bad suffix: one line naming the file, before the store is read
+    assert cli.main(["export", str(path), "--run", "nope", "--weights", str(out / "w.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"probe-engine: error: {out / 'w.pt'}: cannot tell") and "*.npz" in err
+    assert cli.main(["export", str(path), "--run", "nope", "--table", str(out / "x.parquet")]) == 1
+    assert "no run 'nope'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["g.parquet", "t.parquet", "w.npz",
+                                                     "w.safetensors"]
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["export", str(path)])  # nothing to write
+    assert usage.value.code == 2
+    assert "give --weights, --table or --grid" in capsys.readouterr().err

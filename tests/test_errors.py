@@ -21,6 +21,7 @@ BUILTIN = {
     E.RunNotFoundError: KeyError,
     E.ReportError: OSError,
     E.MemoryBudgetError: ValueError,
+    E.MissingDependencyError: ModuleNotFoundError,
 }
 
 
