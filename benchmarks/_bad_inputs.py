@@ -913,7 +913,7 @@ CASES: list[Case] = [
     Case("solve: negative l2", "api", _solve_l2_negative, InvalidArgumentError,
          ("l2", ">= 0", "-0.001")),
     Case("solve: unknown solver", "api", _solve_bad_solver, InvalidArgumentError,
-         ("'adam'", "'lbfgs' or 'sgd'")),
+         ("'adam'", "'lbfgs', 'sgd' or 'ridge'")),
     Case("solve: bfloat16 with L-BFGS", "api", _solve_bfloat16_lbfgs, InvalidArgumentError,
          ("dtype='bfloat16' is for solver='sgd'", "dtype='tf32'")),
     Case("solve: max_memory below one block", "api", _solve_budget_too_small,

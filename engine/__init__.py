@@ -4,7 +4,7 @@
     store = engine.open_store("probes.zarr")
 """
 
-from . import datasets, models, text
+from . import datasets, metrics, models, text
 from .build import build_store
 from .errors import (
     DataError,
@@ -13,6 +13,7 @@ from .errors import (
     LabelNotFoundError,
     LayerNotFoundError,
     MemoryBudgetError,
+    MissingDependencyError,
     NonFiniteError,
     ProbeEngineError,
     ProbeEngineWarning,
@@ -44,6 +45,7 @@ __all__ = [
     "DatasetNotFoundError",
     "InvalidArgumentError",
     "MemoryBudgetError",
+    "MissingDependencyError",
     "LabelNotFoundError",
     "LayerNotFoundError",
     "NonFiniteError",
@@ -65,6 +67,7 @@ __all__ = [
     "build_store",
     "datasets",
     "load_results",
+    "metrics",
     "models",
     "open_store",
     "solve",

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import _lbfgs, _sgd
+from . import _lbfgs, _ridge, _sgd
 from . import format as fmt
 from ._devices import resolve_device
 from ._features import FeatureCache
 from ._sources import ProbeData
+from ._tasks import TaskPlan, mdl_codelength
+from ._tasks import plan as plan_tasks
 from .errors import SplitNotFoundError
 from .kernels import uses_cuda_kernel
 from .objective import Kernel, Point, ProbeObjective, Solution
@@ -77,8 +79,10 @@ def solve_data(data: ProbeData, options: SolveOptions, *, store: Store | None,
         if objective is None:  # a budget too small: refused before the run is written
             FeatureCache(data, resolve_device(options.device), ARITHMETIC[options.dtype],
                          budget=options.max_memory).check(
-                [s for s in data.splits if s != "train" or options.solver == "lbfgs"],
+                [s for s in data.splits if s != "train" or options.solver != "sgd"],
                 [layer for layer in data.layers if layer not in done])
+            if options.solver == "ridge":  # a Gram too large: refused before the run too
+                _ridge.check(data.dims, [layer for layer in data.layers if layer not in done])
         fmt.start_run(store.path, store.meta, options.run, options.config(data.num_classes))
         done = fmt.saved_probes(fmt.open_root(store.path), options.run)
     finished = dict(done)
@@ -141,8 +145,21 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
         objective = objective_for(data, layers, options, kernel=kernel, group=group)
     tf32 = backend["matmul"] == "tf32"
 
+    plan = task_plan(data, options)
+    objective.add_tasks(plan.tasks)
+    chosen: dict[str, dict] = {}
+
+    def more(layer: str, solutions: list[Solution]) -> list[tuple[float, str]]:
+        """A layer's grid is done: its controls and MDL blocks at the lambda it chose."""
+        if layer in chosen:
+            return []
+        chosen[layer] = select(objective, solutions)
+        return [(chosen[layer]["l2"], task) for task in plan.extra]
+
     def finished(layer: str, solutions: list[Solution]) -> None:
-        record = select(objective, solutions)
+        record = chosen.pop(layer, None) or select(objective, solutions)
+        if plan.extra:
+            add_baselines(objective, plan, record, solutions)
         record["seconds"] = round(time.perf_counter() - started, 3)
         # SGD reads train block by block every epoch, whatever the budget
         record["backend"] = {**backend, "features": "streamed" if options.solver == "sgd"
@@ -155,7 +172,10 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
     try:
         if options.solver == "lbfgs":
             _lbfgs.fit(objective, layers, options.grid, options.lbfgs, finished,
-                       precondition=precondition, progress=progress)
+                       precondition=precondition, progress=progress, task=plan.main,
+                       more=more if plan.extra else None)
+        elif options.solver == "ridge":
+            _ridge.fit(objective, layers, options.grid, finished, progress=progress)
         else:
             _sgd.fit(objective, layers, options.grid, options.sgd, finished,
                      progress=progress)
@@ -166,13 +186,15 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
 def select(objective: ProbeObjective, solutions: list[Solution]) -> dict:
     """The record of a finished layer: the metrics of every lambda's probe on every split,
     the chosen one (lowest validation top-1 error, then loss, then the larger lambda; train
-    without a 'valid' split) first-class, and every lambda's summary in ``grid``."""
+    without a 'valid' split) first-class, every lambda's summary in ``grid``, and the
+    chosen probe's per-row ``outputs`` on every split but train
+    (:meth:`ProbeObjective.row_outputs`)."""
     splits = objective.splits
     metrics: dict[float, dict[str, dict]] = {}
     objectives: dict[float, float] = {}
     for split in splits:
-        values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta) for s in solutions],
-                                    grad=False)
+        values = objective.evaluate(
+            split, [Point(s.layer, s.l2, s.theta, s.task) for s in solutions], grad=False)
         for s, v in zip(solutions, values, strict=True):
             metrics.setdefault(s.l2, {})[split] = {
                 "loss": v.loss, "top1_error": v.top1_error,
@@ -191,4 +213,47 @@ def select(objective: ProbeObjective, solutions: list[Solution]) -> dict:
                   "converged": s.converged, **{
                       f"{split}_{m}": v for split, ms in metrics[s.l2].items()
                       for m, v in ms.items()}} for s in solutions],
+        # per-row outputs of the chosen probe where it is scored: the metrics and the
+        # bootstrap intervals of engine.metrics (train's would cost a copy of its labels)
+        "outputs": {split: {k: v.numpy() for k, v in objective.row_outputs(
+            split, Point(best.layer, best.l2, best.theta, best.task)).items()}
+            for split in splits if split != "train"},
     }
+
+
+def task_plan(data: ProbeData, options: SolveOptions) -> TaskPlan:
+    """The tasks ``options`` ask of a solve of ``data`` (:mod:`engine._tasks`)."""
+    if not options.tasks:
+        return TaskPlan()
+    return plan_tasks(data.labels, data.num_classes, controls=options.controls,
+                      mdl_blocks=options.mdl_blocks if options.mdl else None,
+                      class_weight=options.class_weight, seed=options.sgd.seed,
+                      types=data.types, token_rows=data.token_rows)
+
+
+def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
+                  solutions: list[Solution]) -> None:
+    """Adds to a layer's ``record`` what its control and MDL probes found: per split,
+    ``<control>_top1_error`` and ``selectivity`` (the first control's error minus the
+    probe's: accuracy above the control's); ``mdl`` (the online codelength in bits, the
+    uniform one, the compression, the block boundaries)."""
+    by_task = {s.task: s for s in solutions}
+    if plan.controls:
+        for split in objective.splits:
+            values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta, s.task) for s in (
+                by_task[c] for c in plan.controls)], grad=False)
+            m = record["metrics"][split]
+            for name, v in zip(plan.controls, values, strict=True):
+                m[f"{name}_top1_error"] = v.top1_error
+            m["selectivity"] = m[f"{plan.controls[0]}_top1_error"] - m["top1_error"]
+        record["controls"] = {c: {"converged": by_task[c].converged,
+                                  "iterations": by_task[c].iterations} for c in plan.controls}
+    if plan.boundaries:
+        fitted = [by_task[f"mdl:{i}"] for i in range(1, len(plan.boundaries))]
+        points = [Point(s.layer, s.l2, s.theta, f"{s.task}:next") for s in fitted]
+        n = objective.rows("train")
+        losses = [v.loss * objective.total(p.task, "train", n) for p, v in zip(
+            points, objective.evaluate("train", points, grad=False), strict=True)]
+        record["mdl"] = {**mdl_codelength(plan.boundaries, objective.num_classes, losses),
+                         "boundaries": list(plan.boundaries),
+                         "converged": all(s.converged for s in fitted)}

@@ -237,64 +237,83 @@ class LBFGSState:
 # -- the batched driver ------------------------------------------------------------------
 @dataclass
 class _Probe:
-    """One probe of the batch: its layer, its lambda and its optimiser state."""
+    """One probe of the batch: its layer, its lambda, its task and its optimiser state."""
 
     layer: str
     l2: float
     state: LBFGSState
+    task: str = ""
 
     def point(self, theta: torch.Tensor) -> Point:
-        return Point(self.layer, self.l2, theta)
+        return Point(self.layer, self.l2, theta, self.task)
 
     def solution(self) -> Solution:
         st = self.state
         return Solution(self.layer, self.l2, st.x, st.iterations, st.evaluations, st.converged,
-                        st.reason)
+                        st.reason, self.task)
+
+
+#: a layer's finished probes -> more (lambda, task) probes to fit for it, or none
+More = Callable[[str, list[Solution]], Sequence[tuple[float, str]]]
 
 
 def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
         options: LBFGSOptions, on_layer: Callable[[str, list[Solution]], None], *,
-        precondition: bool = True, progress: bool = False) -> None:
-    """Solve one probe per (layer, lambda of ``grid``) from zero to ``max|grad| <= tol``
-    (or ``max_iter``), all at once; ``on_layer(layer, solutions)`` as soon as every probe of
-    a layer is done. Each round, every probe that needs a point is evaluated in one
-    :meth:`ProbeObjective.evaluate` on "train". With ``precondition``, each probe's initial
-    inverse Hessian is the low-rank curvature map of its layer (:mod:`engine._precond`)."""
+        precondition: bool = True, progress: bool = False, task: str = "",
+        more: More | None = None) -> None:
+    """Solve one probe per (layer, lambda of ``grid``) on ``task`` from zero to
+    ``max|grad| <= tol`` (or ``max_iter``), all at once; ``on_layer(layer, solutions)`` as
+    soon as every probe of a layer is done. Each round, every probe that needs a point is
+    evaluated in one :meth:`ProbeObjective.evaluate` on "train"; a new probe's first point
+    (zero) rides the same pass. With ``more``, a layer whose probes are all done may ask for
+    more (lambda, task) probes (controls, MDL blocks at the lambda its grid chose): they
+    join the running batch, and ``on_layer`` comes when ``more`` asks for none.
+    With ``precondition``, each probe's initial inverse Hessian is the low-rank curvature
+    map of its layer (:mod:`engine._precond`)."""
     c, n = objective.num_classes, objective.rows("train")
-    probes = []
+    eigs: dict[str, tuple | None] = {}
     for layer in layers:
-        eig = None
+        eigs[layer] = None
         if precondition:
             def times(q: torch.Tensor, layer: str = layer) -> torch.Tensor:
                 return objective.moment_sums("train", layer, q).div_(n)
 
-            eig = top_eigenpairs(times, objective.dims[layer], dtype=objective.dtype,
-                                 device=objective.device)
-        for l2 in grid:
-            pre = LowRankPreconditioner(*eig, l2, c) if eig else None
-            x0 = torch.zeros(objective.dims[layer] + 1, c, dtype=objective.dtype,
-                             device=objective.device)
-            probes.append(_Probe(layer, l2, LBFGSState(x0, precond=pre)))
+            eigs[layer] = top_eigenpairs(times, objective.dims[layer], dtype=objective.dtype,
+                                         device=objective.device)
 
-    for p, v in zip(probes, objective.evaluate(
-            "train", [p.point(p.state.x) for p in probes], grad=True), strict=True):
-        p.state.f, p.state.g = v.objective, v.gradient
+    def start(layer: str, l2: float, task: str) -> _Probe:
+        eig = eigs[layer]
+        pre = LowRankPreconditioner(*eig, l2, c) if eig else None
+        x0 = torch.zeros(objective.dims[layer] + 1, c, dtype=objective.dtype,
+                         device=objective.device)
+        return _Probe(layer, l2, LBFGSState(x0, precond=pre), task)
+
+    probes = [start(layer, l2, task) for layer in layers for l2 in grid]
     pending = set(layers)
     bar = tqdm(total=len(probes), unit="probe", disable=not progress, desc="solve")
-    for p in probes:
-        p.state.start_iteration()
     passes = 0
     while True:
-        active = [p for p in probes if not p.state.done]
-        for layer in sorted(pending - {p.layer for p in active}):
+        for layer in sorted(pending - {p.layer for p in probes if not p.state.done}):
+            solutions = [p.solution() for p in probes if p.layer == layer]
+            extra = more(layer, solutions) if more is not None else ()
+            if extra:
+                probes += [start(layer, l2, t) for l2, t in extra]
+                bar.total = len(probes)
+                continue
             pending.discard(layer)
-            on_layer(layer, [p.solution() for p in probes if p.layer == layer])
+            on_layer(layer, solutions)
+        active = [p for p in probes if not p.state.done]
         if not active:
             break
-        values = objective.evaluate("train", [p.point(p.state.trial()) for p in active],
+        values = objective.evaluate("train", [p.point(p.state.x if p.state.g is None
+                                                      else p.state.trial()) for p in active],
                                     grad=True)
         for p, v in zip(active, values, strict=True):
             st = p.state
+            if st.g is None:  # its first point: zero
+                st.f, st.g = v.objective, v.gradient
+                st.start_iteration()
+                continue
             st.evaluations += 1
             status = st.search.observe(v.objective, _dot(v.gradient, st.d), v.gradient)
             if status == "accept":

@@ -50,6 +50,13 @@ class ProbeData:
     block_rows: int = DEFAULT_BLOCK_ROWS  # rows per read when streaming (a store: its chunk)
     stored: dict[str, torch.dtype] = field(default_factory=dict)  # dtype a read returns
     offset: int = 0  # a row shard's first row in its split (errors name rows of the split)
+    #: split -> (N,) the item each row belongs to (a token store: rows of one sequence are
+    #: resampled together by the bootstrap); absent: every row an item of its own
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    #: split -> (N,) token ids of a token store's rows (its "token" label set), for the
+    #: control task; None without them
+    types: dict[str, np.ndarray] | None = None
+    token_rows: bool = False
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -112,8 +119,14 @@ class ProbeData:
         # what Store.read returns: float16 or float32 (bfloat16 stores decode to float32)
         stored = {layer: torch.float16 if store.dtype == "float16" else torch.float32
                   for layer in chosen}
-        return _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
+        data = _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
                         store.block_rows, stored)
+        if store.token_rows:
+            data.token_rows = True
+            data.groups = {s: store.index(s)[: len(y)] for s, y in labels.items()}
+            if "token" in store.label_names():
+                data.types = {s: store.labels(s, "token") for s in labels}
+        return data
 
     @classmethod
     def from_arrays(cls, source: Mapping, labels: Any, layers: list[str] | None

@@ -691,9 +691,14 @@ def saved_probes(group: zarr.Group, run: str) -> dict[str, dict]:
         rec = g.attrs.get(ATTR)
         if rec and rec.get("complete") and "W" in g and "b" in g:
             rec = dict(rec)
-            rec["metrics"], rec["grid"] = from_json_safe(rec["metrics"]), \
-                from_json_safe(rec["grid"])
+            for key in ("metrics", "grid", "mdl"):
+                if key in rec:
+                    rec[key] = from_json_safe(rec[key])
             out[layer] = {**rec, "W": g["W"][:], "b": g["b"][:]}
+            if "outputs" in g:  # per-row outputs of valid / test (engine.metrics)
+                out[layer]["outputs"] = {
+                    split: {name: arr[:] for name, arr in g[f"outputs/{split}"].arrays()}
+                    for split in g["outputs"].group_keys()}
     return out
 
 
@@ -707,7 +712,15 @@ def save_probe(path: str, run: str, layer: str, record: dict) -> None:
         arr = g.create_array(name, shape=data.shape, dtype="float32", chunks=data.shape,
                              overwrite=True)
         arr[...] = data
-    attrs = {k: v for k, v in record.items() if k not in ("W", "b")}
+    for split, arrays in record.get("outputs", {}).items():
+        where = g.require_group(f"outputs/{split}")
+        for name, data in arrays.items():
+            data = np.ascontiguousarray(data)
+            arr = where.create_array(name, shape=data.shape, dtype=data.dtype,
+                                     chunks=data.shape, compressors=compressors(),
+                                     overwrite=True)
+            arr[...] = data
+    attrs = {k: v for k, v in record.items() if k not in ("W", "b", "outputs")}
     g.attrs[ATTR] = json_safe({**attrs, "complete": True})
 
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ._features import FeatureCache
+from ._tasks import Task
 from .errors import InvalidArgumentError
 from .kernels import softmax_xent
 from .kernels.reference import softmax_xent as reference_softmax_xent
@@ -54,22 +55,25 @@ Kernel = Callable[..., tuple]
 
 class Point(NamedTuple):
     """Parameters of one probe of ``layer`` at L2 strength ``l2``: ``theta`` is (D+1, C),
-    the weights W then the bias row b."""
+    the weights W then the bias row b; ``task`` names the labels and row weights it is
+    evaluated on (:mod:`engine._tasks`; "" the split's own labels, every row once)."""
 
     layer: str
     l2: float
     theta: torch.Tensor
+    task: str = ""
 
 
 class Partial(NamedTuple):
     """Sums of one probe over some rows of a split (all of them, or a shard's): ``loss``
-    the cross-entropy sum (float64), ``top1`` / ``top5`` the hits, ``gradient`` the
+    the cross-entropy sum (float64), ``top1`` / ``top5`` the hits (weighted, for a task
+    with row weights), ``gradient`` the
     unpenalised dL/dtheta contribution ((D+1, C), already scaled by 1 / N of the whole
     split; None when not asked for). Shards' partials add up to the split's."""
 
     loss: float
-    top1: int
-    top5: int
+    top1: float
+    top5: float
     gradient: torch.Tensor | None
 
 
@@ -97,6 +101,7 @@ class Solution:
     evaluations: int
     converged: bool
     reason: str
+    task: str = ""
 
 
 def kernel_function(kernel: str | Kernel) -> Kernel:
@@ -118,11 +123,13 @@ class ProbeObjective:
     ``features`` holds the data of the full-batch passes and fixes the device, the
     arithmetic dtype and the classes. ``low`` (bfloat16) is the dtype of the minibatch
     products (weights and sums stay in the arithmetic dtype). ``block_bytes`` bounds the
-    logits of one block of rows of a full-batch pass.
+    logits of one block of rows of a full-batch pass. ``tasks`` are the tasks points may
+    name besides the default one (:class:`engine._tasks.Task`).
     """
 
     def __init__(self, features: FeatureCache, *, kernel: str | Kernel = "auto",
-                 low: torch.dtype | None = None, block_bytes: int = BLOCK_BYTES):
+                 low: torch.dtype | None = None, block_bytes: int = BLOCK_BYTES,
+                 tasks: Sequence[Task] = ()):
         self.features = features
         self.device, self.dtype = features.device, features.dtype
         self.num_classes = features.num_classes
@@ -135,6 +142,30 @@ class ProbeObjective:
         # padding columns have zero weights and get a zero gradient.
         self.pad = 16 if self.device.type == "cpu" else 8
         self._strengths: dict[tuple, torch.Tensor] = {}
+        self.tasks: dict[str, Task] = {}
+        self.add_tasks(tasks)
+
+    def add_tasks(self, tasks: Sequence[Task]) -> None:
+        """Make ``tasks`` nameable by points (their labels and weights moved to the device)."""
+        for task in tasks:
+            if not task.name:
+                raise InvalidArgumentError("a task needs a name; '' is the default task")
+            self.tasks[task.name] = task.to(self.device, self.dtype)
+
+    def task_labels(self, task: str, split: str) -> torch.Tensor:
+        """(N,) labels of ``task`` on ``split`` on the device (:data:`IGNORE`: not counted)."""
+        if not task:
+            return self.features.labels(split)
+        try:
+            return self.tasks[task].labels[split]
+        except KeyError:
+            raise InvalidArgumentError(f"task {task!r} has no labels for split {split!r}"
+                                       ) from None
+
+    def total(self, task: str, split: str, n: int) -> float:
+        """The N of ``task``'s mean loss on ``split``: ``n`` (the split's rows) for the
+        default task, else the weight of the task's counted rows."""
+        return float(n) if not task else self.tasks[task].total(split)
 
     # -- the pieces, each written once -----------------------------------------------------
     def pack(self, thetas: Sequence[torch.Tensor], d: int, dtype: torch.dtype, pad: int
@@ -220,7 +251,7 @@ class ProbeObjective:
         """:class:`Value` of each point on ``split``: one pass over each layer's rows,
         shared by all of the layer's points, and by the layers of a stacked run."""
         n = self.rows(split)
-        return self.finish(points, self.partials(split, points, grad=grad, n=n), n)
+        return self.finish(points, self.partials(split, points, grad=grad, n=n), n, split)
 
     def partials(self, split: str, points: Sequence[Point], *, grad: bool, n: int
                  ) -> list[Partial]:
@@ -231,9 +262,37 @@ class ProbeObjective:
         by_layer: dict[str, list[int]] = {}
         for i, point in enumerate(points):
             by_layer.setdefault(point.layer, []).append(i)
+        for at in by_layer.values():  # a task's probes side by side: one kernel call each
+            at.sort(key=lambda i: points[i].task)
         for run in self.features.runs(split, by_layer):
             self._run_partials(split, run, by_layer, points, out, grad, n)
         return out
+
+    @staticmethod
+    def _segments(tasks: Sequence[str]) -> list[tuple[str, int, int]]:
+        """(task, first probe, probes) of each run of equal tasks in ``tasks``."""
+        out: list[tuple[str, int, int]] = []
+        for m, task in enumerate(tasks):
+            if out and out[-1][0] == task:
+                out[-1] = (task, out[-1][1], out[-1][2] + 1)
+            else:
+                out.append((task, m, 1))
+        return out
+
+    def _task_xent(self, z: torch.Tensor, segment: tuple[str, int, int], split: str,
+                   r0: int, n: int, grad: bool) -> tuple[torch.Tensor, ...]:
+        """The kernel on the logits of one segment of a layer's probes (z: the layer's
+        (B, width) logits of rows [r0, r0 + B)): loss sums, top-1 and top-5 hits."""
+        task, first, m = segment
+        c, rows = self.num_classes, z.shape[0]
+        logits = z[:, first * c : (first + m) * c].view(rows, m, c).transpose(0, 1)
+        y = self.task_labels(task, split)[r0 : r0 + rows]
+        scale = 1.0 / max(self.total(task, split, n), 1e-300)
+        weights = self.tasks[task].weights.get(split) if task else None
+        if weights is None:
+            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
+            return loss, top1, top5
+        return weighted_softmax_xent(logits, y, weights[r0 : r0 + rows], scale, grad)
 
     def _run_partials(self, split: str, run: list[str], by_layer: dict[str, list[int]],
                       points: Sequence[Point], out: list, grad: bool, n: int) -> None:
@@ -251,16 +310,25 @@ class ProbeObjective:
         gw = torch.zeros(nl, d, width, dtype=dtype, device=self.device) if grad else None
         gb = torch.zeros(nl, width, dtype=dtype, device=self.device) if grad else None
         loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
-        top1 = torch.zeros(nl, k, dtype=torch.int64, device=self.device)
-        top5 = torch.zeros_like(top1)
+        top1 = torch.zeros_like(loss)  # hits: float64 counts exactly, and weighted hits
+        top5 = torch.zeros_like(loss)
+        segments = [self._segments([points[i].task for i in by_layer[layer]])
+                    for layer in run]
+        plain = all(seg == [("", 0, k)] for seg in segments)
         rows = max(256, self.block_bytes // (nl * width * wt.element_size()))
         for r0, xb in self.features.blocks(split, run, rows):  # xb (L, B, D)
-            yb = y[r0 : r0 + xb.shape[1]]
             z = self.logits(xb, wt, b)  # (L, B, width)
-            for j, (ls, t1, t5) in enumerate(self.softmax_xent(z, k, yb, 1.0 / n, grad)):
-                loss[j] += ls.double()
-                top1[j] += t1
-                top5[j] += t5
+            if plain:
+                yb = y[r0 : r0 + xb.shape[1]]
+                sums = [[(0, k, s)] for s in self.softmax_xent(z, k, yb, 1.0 / n, grad)]
+            else:
+                sums = [[(seg[1], seg[2], self._task_xent(z[j], seg, split, r0, n, grad))
+                         for seg in segments[j]] for j in range(nl)]
+            for j, parts in enumerate(sums):
+                for first, m, (ls, t1, t5) in parts:
+                    loss[j, first : first + m] += ls.double()
+                    top1[j, first : first + m] += t1
+                    top5[j, first : first + m] += t5
             if grad:  # z now holds dZ
                 z[:, :, kc:].zero_()
                 if nl == 1:
@@ -277,10 +345,11 @@ class ProbeObjective:
                 out[i] = Partial(loss[j][m], top1[j][m], top5[j][m],
                                  g[:, m] if grad else None)
 
-    def finish(self, points: Sequence[Point], partials: Sequence[Partial], n: int
-               ) -> list[Value]:
-        """Each point's :class:`Value` from its partial sums over all ``n`` rows of a split:
-        the means, and the penalty added to the objective and the gradient."""
+    def finish(self, points: Sequence[Point], partials: Sequence[Partial], n: int,
+               split: str = "train") -> list[Value]:
+        """Each point's :class:`Value` from its partial sums over all ``n`` rows of
+        ``split``: the means (over its task's counted rows), and the penalty added to the
+        objective and the gradient."""
         out: list = [None] * len(points)
         by_layer: dict[str, list[int]] = {}
         for i, point in enumerate(points):
@@ -295,11 +364,38 @@ class ProbeObjective:
                 self.penalty_gradient(g[:dj], theta[:dj], l2)
             for m, i in enumerate(at):
                 point, part = points[i], partials[i]
-                loss = part.loss / n
+                total = max(self.total(point.task, split, n), 1e-300)
+                loss = part.loss / total
                 out[i] = Value(loss, loss + self.penalty(point.theta[:dj], point.l2),
                                g[:, m].clone() if grad else None,
-                               1.0 - part.top1 / n, 1.0 - part.top5 / n)
+                               1.0 - part.top1 / total, 1.0 - part.top5 / total)
         return out
+
+    def row_outputs(self, split: str, point: Point) -> dict[str, torch.Tensor]:
+        """What one probe says about each row of ``split`` (the per-row figures of the
+        metrics and the bootstrap, :mod:`engine.metrics`), on the CPU: ``pred`` (N,) int32
+        the top class, ``loss`` (N,) float32 the cross-entropy of the task's label (nats),
+        ``confidence`` (N,) float32 the top class's probability, ``hit5`` (N,) bool the
+        label among the 5 highest (C > 5 only), ``score`` (N,) float32 the logit of class 1
+        minus class 0 (C = 2 only)."""
+        layer, theta = point.layer, point.theta
+        d, c = self.dims[layer], self.num_classes
+        y = self.task_labels(point.task, split)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for r0, xb in self.features.blocks(split, [layer], MOMENT_ROWS):
+            z = torch.addmm(theta[d], xb[0].to(theta.dtype), theta[:d])  # (B, C)
+            yb = y[r0 : r0 + z.shape[0]].clamp(min=0).view(-1, 1)
+            logp = torch.log_softmax(z, dim=1)
+            top, pred = logp.max(dim=1)
+            got = {"pred": pred.int(), "loss": -logp.gather(1, yb)[:, 0].float(),
+                   "confidence": top.exp().float()}
+            if c > 5:
+                got["hit5"] = (z > z.gather(1, yb)).sum(dim=1) < 5
+            if c == 2:
+                got["score"] = (z[:, 1] - z[:, 0]).float()
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v.cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def moment_sums(self, split: str, layer: str, q: torch.Tensor) -> torch.Tensor:
         """``sum_i x~_i x~_i^T q`` over this objective's rows of ``split``, x~ = [x, 1]
@@ -334,3 +430,29 @@ class ProbeObjective:
         grad[d] = self.bias_gradient(z)[0].view(k, self.num_classes)
         self.penalty_gradient(grad[:d], theta[:d], l2)
         return grad
+
+
+def weighted_softmax_xent(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                          scale: float, grad: bool) -> tuple[torch.Tensor, ...]:
+    """The softmax-cross-entropy kernel with row weights (a task's class weights): logits
+    (K, B, C) (overwritten with ``(softmax - onehot) * weight * scale`` when ``grad``),
+    labels (B,) (:data:`engine._tasks.IGNORE` rows count for nothing), weights (B,).
+    Returns the weighted loss sums and top-1 / top-5 hits, each (K,)."""
+    k, b, c = logits.shape
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    keep = labels >= 0
+    w = torch.where(keep, weights.to(z.dtype), 0.0)
+    y = torch.where(keep, labels, 0).view(1, b, 1).expand(k, b, 1)
+    logp = torch.log_softmax(z, dim=2)
+    picked = z.gather(2, y)
+    loss = (-logp.gather(2, y).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
+    rank = (z > picked).sum(dim=2)  # classes strictly above the true one
+    top1 = ((z.argmax(dim=2, keepdim=True) == y).squeeze(2) * w).sum(  # as the kernel's
+        dim=1, dtype=torch.float64)
+    top5 = ((rank < 5) * w).sum(dim=1, dtype=torch.float64) if c > 5 else w.sum().double(
+        ).expand(k)
+    if grad:
+        g = logp.exp_()
+        g.scatter_add_(2, y, torch.full_like(picked, -1.0))
+        logits.copy_(g.mul_((w * scale).view(1, b, 1)))
+    return loss, top1, top5

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from ._outputs import check_select
 from ._precond import RANK
+from ._tasks import CONTROLS, MDL_FRACTIONS
 from .errors import InvalidArgumentError
 from .format import COMPRESSORS, DTYPES, StoreConfig, check_name
 from .reduce import check_reduce
@@ -132,6 +133,24 @@ def l2_grid(value: Any, name: str = "l2") -> tuple[float, ...]:
                              and v >= 0 and math.isfinite(v) for v in values):
         raise InvalidArgumentError(f"l2 values must be finite and >= 0, got {value!r}")
     return tuple(float(v) for v in sorted(set(values)))
+
+
+def _controls(value: Any, name: str) -> tuple[str, ...]:
+    values = (value,) if isinstance(value, str) else tuple(value or ())
+    if any(v not in CONTROLS for v in values) or len(set(values)) != len(values):
+        raise InvalidArgumentError(f"{name} must be some of {CONTROLS}, each once, not "
+                                   f"{value!r}")
+    return values
+
+
+def _fractions(value: Any, name: str) -> tuple[float, ...]:
+    values = tuple(value) if isinstance(value, Sequence) else (value,)
+    if not values or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                             and 0 < v <= 100 for v in values) \
+            or list(values) != sorted(set(values)) or values[-1] != 100:
+        raise InvalidArgumentError(f"{name} must be increasing percentages of train in "
+                                   f"(0, 100] ending at 100, not {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def _run_name(value: Any, name: str) -> str:
@@ -384,7 +403,8 @@ class SGDOptions(Options):
                            "validation error", check=positive)
     lr: float = option(1e-2, "SGD: Adam's learning rate", check=positive_float)
     batch_size: int = option(256, "SGD: rows per minibatch", check=positive)
-    seed: int = option(0, "SGD: seed of the shuffled row order", check=integer)
+    seed: int = option(0, "seed of SGD's shuffled row order, of the control tasks and of "
+                       "the MDL row order", check=integer)
     early_stopping: bool = option(True, "SGD: stop each probe by its validation error (needs "
                                   "a 'valid' split) and keep its best weights", check=flag,
                                   cli={"help": "SGD: run every epoch, no early stopping"})
@@ -398,9 +418,10 @@ class SolveOptions(Options):
 
     label: str = option("y", "which label set of the store to predict",
                         check=lambda v, n: check_name(v, "label"))
-    solver: str = option("lbfgs", "lbfgs (exact optimum, full-batch passes) or sgd "
-                         "(streaming minibatches)",
-                         check=_one_of(("lbfgs", "sgd"), "'lbfgs' or 'sgd'"))
+    solver: str = option("lbfgs", "lbfgs (exact optimum, full-batch passes), sgd "
+                         "(streaming minibatches) or ridge (closed-form least squares on "
+                         "{-1, +1} targets, one pass)",
+                         check=_one_of(("lbfgs", "sgd", "ridge"), "'lbfgs', 'sgd' or 'ridge'"))
     l2: Any = option("auto", "lambda, several, or 'auto' (1e-6 ... 1e-1): the one with the "
                      "lowest validation error is kept", check=l2_grid,
                      cli={"nargs": "+", "convert": _cli_l2, "metavar": "L2"})
@@ -420,14 +441,39 @@ class SolveOptions(Options):
                         "layer's rows split over the workers) or 'auto' (rows for layers "
                         "larger than max_memory)",
                         check=_one_of(("auto", "layers", "rows"), "'auto', 'layers' or 'rows'"))
+    controls: tuple[str, ...] = option(
+        (), "baseline probes fitted beside each layer's, at its chosen lambda: 'shuffled' "
+        "(labels permuted) and/or 'control' (each item, or token type, a random class: "
+        "Hewitt & Liang); selectivity = accuracy minus the first control's (default: none)",
+        check=_controls, cli={"nargs": "+", "choices": CONTROLS})
+    mdl: bool = option(False, "report each layer's online codelength and compression (MDL, "
+                       "Voita & Titov) from probes fitted on growing shares of train",
+                       check=flag)
+    mdl_blocks: tuple[float, ...] = option(
+        MDL_FRACTIONS, "the MDL block schedule in %% of train, increasing, ending at 100 "
+        "(default: Voita & Titov's 0.1 0.2 0.4 ... 50 100)", check=_fractions,
+        cli={"nargs": "+", "type": float, "metavar": "PERCENT"})
+    class_weight: str | None = option(None, "'balanced': train rows weighted N / (C N_c), "
+                                      "scikit-learn's rule (valid / test are scored "
+                                      "unweighted)", check=_one_of(
+                                          (None, "balanced"), "None or 'balanced'"),
+                                      cli={"choices": ("balanced",)})
     lbfgs: LBFGSOptions = field(default_factory=LBFGSOptions)
     sgd: SGDOptions = field(default_factory=SGDOptions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.shard == "rows" and self.solver == "ridge":
+            raise InvalidArgumentError("row-parallel solves (shard='rows') run L-BFGS; ridge "
+                                       "sums each layer's rows in one pass already: use "
+                                       "shard='layers'")
         if self.shard == "rows" and self.solver != "lbfgs":
             raise InvalidArgumentError("row-parallel solves (shard='rows') run L-BFGS; SGD "
                                        "streams its rows already: use shard='layers'")
+        if self.dtype == "bfloat16" and self.solver == "ridge":
+            raise InvalidArgumentError(
+                "dtype='bfloat16' is for solver='sgd': ridge sums its Gram matrix in float64 "
+                "whatever the dtype; use dtype='float32' (or 'float64' for float64 weights)")
         if self.dtype == "bfloat16" and self.solver == "lbfgs":
             # bfloat16 gradients are too coarse for L-BFGS's line search near the optimum
             # (measured by benchmarks.precision: benchmarks/RESULTS.md, "Precision")
@@ -435,6 +481,23 @@ class SolveOptions(Options):
                 "dtype='bfloat16' is for solver='sgd': L-BFGS with bfloat16 products stalls "
                 "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for "
                 "fast L-BFGS products on CUDA, or solver='sgd' with dtype='bfloat16'")
+        if self.tasks and self.solver != "lbfgs":
+            raise InvalidArgumentError(f"{self._task_words()} are fitted by L-BFGS, beside "
+                                       f"each layer's probe: use solver='lbfgs'")
+        if self.tasks and self.shard == "rows":
+            raise InvalidArgumentError(f"{self._task_words()} are not fitted over row "
+                                       f"shards yet: use shard='layers' (or 'auto')")
+
+    @property
+    def tasks(self) -> bool:
+        """Whether probes other than the layer's own are asked for (controls, MDL, class
+        weights)."""
+        return bool(self.controls or self.mdl or self.class_weight)
+
+    def _task_words(self) -> str:
+        asked = [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
+                                 ("class weights", self.class_weight)) if on]
+        return " and ".join(asked)
 
     @property
     def grid(self) -> tuple[float, ...]:
@@ -448,8 +511,16 @@ class SolveOptions(Options):
         if self.solver == "lbfgs":
             out.update(max_iter=self.lbfgs.max_iter, tol=self.lbfgs.tol,
                        preconditioner=f"low-rank curvature, rank {RANK}")
-        else:
+        elif self.solver == "sgd":
             out.update(dataclasses.asdict(self.sgd))
+        if self.controls:
+            out.update(controls=list(self.controls))
+        if self.mdl:
+            out.update(mdl_blocks=list(self.mdl_blocks))
+        if self.class_weight:
+            out.update(class_weight=self.class_weight)
+        if self.controls or self.mdl:
+            out.update(seed=self.sgd.seed)
         return out
 
 
@@ -485,7 +556,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Options], *,
         choices = cli.pop("choices", f.metadata["choices"]
                           or getattr(f.metadata["check"], "allowed", None))
         if f.default is not None and "default" not in help_:
-            shown = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+            shown = (" ".join(map(str, f.default)) if isinstance(f.default, tuple)
+                     else f.default)
             help_ = f"{help_} (default: {shown})"
         group.add_argument(name, dest=f.name, type=kind, choices=choices, default=None,
                            help=help_, **cli)

@@ -112,13 +112,19 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
             x = [layers.index(layer) for layer in part.layer]
             ax.plot(x, part.top1_error, ls, color=color, marker="o", ms=ms, lw=1.5,
                     label=f"{split} error")
+            if "top1_error_low" in part and part.top1_error_low.notna().any():
+                ax.fill_between(x, part.top1_error_low, part.top1_error_high, color=color,
+                                alpha=0.18, lw=0, label=f"{split} 95% interval")
+            if "control_top1_error" in part and split != "train":
+                ax.plot(x, part.control_top1_error, ls, color=color, lw=0.8, alpha=0.6,
+                        label=f"{split} control task")
         ax.set_title(state, loc="left", fontsize=11, fontweight="bold")
         ax.set_ylabel("top-1 error")
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(*site_ticks(layers), rotation=35, ha="right", fontsize=9)
         # above the axes, beside the title: never over the data
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8,
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=8,
                   frameon=False, borderaxespad=0.2)
     axes[-1].set_xlabel("probe site, in network order")
     fig.suptitle("Linear probe error per site", fontsize=12)
@@ -160,7 +166,7 @@ def _png(path: Path) -> str:
 
 
 def _html(title: str, states: dict[str, ProbeResults], summary: dict, figures: list[Path],
-          notes: list[str]) -> str:
+          notes: list[str], baseline: dict[str, ProbeResults]) -> str:
     esc = html.escape
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{esc(title)}</title><style>"
@@ -177,16 +183,15 @@ def _html(title: str, states: dict[str, ProbeResults], summary: dict, figures: l
     for state, res in states.items():
         mono = summary[state]
         split = mono["split"]
-        bumps = ", ".join(f"{b['site']} (+{b['rise']:.3f})" for b in mono["bumps"]) or "none"
+        bumps = ", ".join(f"{b['site']} (+{b['rise']:.3f}" + (
+            f", 95% interval {b['low']:+.3f} to {b['high']:+.3f}"
+            f"{'' if b['significant'] else ', not significant'}" if "p" in b else "") + ")"
+            for b in mono["bumps"]) or "none"
         parts.append(f"<h2>{esc(state)}</h2><p>On the <b>{split}</b> split the error rises "
                      f"at {mono['increases']} of {mono['steps']} steps along the depth "
                      f"(bumps: {esc(bumps)}); Spearman correlation of error with depth "
                      f"{mono['spearman']:+.2f}.</p>")
-        wide = res.table.pivot_table(index="layer", columns="split", values="top1_error",
-                                     sort=False)
-        wide = wide[[s for s in SPLITS if s in wide.columns]]
-        info = res.table.drop_duplicates("layer").set_index("layer")[["dim", "l2"]]
-        shown = info.join(wide).reset_index()
+        shown = _layer_table(res, split, baseline.get(state))
         parts.append(shown.to_html(index=False, float_format=lambda v: f"{v:.4f}",
                                    border=0))
     parts.append("<p><small>Written by probe-engine: results.csv and results.json beside "
@@ -194,8 +199,38 @@ def _html(title: str, states: dict[str, ProbeResults], summary: dict, figures: l
     return "\n".join(parts)
 
 
+#: per-layer columns of the report's table, when the results have them: judged split's
+#: interval, baselines and codelength
+_EXTRA = {"top1_error_low": "low", "top1_error_high": "high",
+          "balanced_accuracy": "balanced acc.", "selectivity": "selectivity",
+          "control_top1_error": "control error", "shuffled_top1_error": "shuffled error",
+          "codelength": "codelength (bits)", "compression": "compression"}
+
+
+def _layer_table(res: ProbeResults, split: str, baseline: ProbeResults | None
+                 ) -> pd.DataFrame:
+    """One row per layer: width, lambda, top-1 error per split, then on the judged
+    ``split`` whatever the results have of :data:`_EXTRA`, and the baseline's error."""
+    t = res.table
+    wide = t.pivot_table(index="layer", columns="split", values="top1_error", sort=False)
+    wide = wide[[s for s in SPLITS if s in wide.columns]]
+    info = t.drop_duplicates("layer").set_index("layer")[["dim", "l2"]]
+    shown = info.join(wide)
+    judged = t[t.split == split].set_index("layer")
+    for col, name in _EXTRA.items():
+        if col in judged and judged[col].notna().any():
+            shown[f"{name}" if col in ("codelength", "compression") else
+                  f"{split} {name}"] = judged[col]
+    if baseline is not None:
+        other = baseline.table[baseline.table.split == split].set_index("layer").top1_error
+        shown[f"{split} baseline error"] = other
+        shown["gain"] = other - judged.top1_error
+    return shown.reset_index()
+
+
 def report(results, out: str | Path = "report", *, title: str | None = None,
-           notes: list[str] | None = None) -> Path:
+           notes: list[str] | None = None, baseline: str | ProbeResults | None = None
+           ) -> Path:
     """Write the report of ``results`` into the folder ``out``; returns ``out/index.html``.
 
     Args:
@@ -204,8 +239,20 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
         out: folder, created if needed; existing report files in it are replaced.
         title: the page title.
         notes: paragraphs printed under the title (findings, caveats).
+        baseline: the results of a reference model, e.g. the same network at random
+            initialisation, as a :class:`ProbeResults` or the name of one of the states:
+            each other state's table gets its error per layer and ``gain`` (baseline error
+            minus this one's), what training added beyond the architecture.
     """
     states = _states(results)
+    if isinstance(baseline, str):
+        if baseline not in states:
+            raise InvalidArgumentError(f"baseline {baseline!r} is not one of the states "
+                                       f"{list(states)}")
+        reference = states[baseline]
+        against = {state: reference for state in states if state != baseline}
+    else:
+        against = dict.fromkeys(states, baseline) if baseline is not None else {}
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +269,12 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
     for state, res in states.items():
         split = _split_for(res.table)
         summary[state] = {"split": split, **monotonicity(res.error(split))}
+        if split in res.resampled:  # which rises the paired bootstrap can tell from noise
+            sig = res.significance(split).set_index("next")
+            for bump in summary[state]["bumps"]:
+                row = sig.loc[bump["site"]]
+                bump.update(low=float(row.low), high=float(row.high), p=float(row.p),
+                            significant=bool(row.low > 0))
     payload = {"title": title, "notes": notes or [], "monotonicity": summary,
                "states": {state: {"config": res.config, "run": res.run, "path": res.path,
                                   "backends": res.backends,
@@ -234,5 +287,5 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
         figures.append(out / "heatmap.png")
         _heatmap(states, "test", figures[-1])
     page = out / "index.html"
-    page.write_text(_html(title, states, summary, figures, notes or []))
+    page.write_text(_html(title, states, summary, figures, notes or [], against))
     return page

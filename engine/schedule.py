@@ -174,6 +174,14 @@ def _pass_task(shard: _Shard, points: list[tuple[str, float, Any]], grad: bool, 
             for p in objective.partials(shard.split, pts, grad=grad, n=n)]
 
 
+def _outputs_task(shard: _Shard, layer: str, l2: float, theta: Any) -> dict[str, Any]:
+    """On a worker: the per-row outputs of one probe over the shard's rows; numpy out."""
+    _worker_threads()
+    objective = _shard_objective(shard)
+    point = Point(layer, l2, torch.from_numpy(theta).to(objective.device))
+    return {k: v.numpy() for k, v in objective.row_outputs(shard.split, point).items()}
+
+
 def _moment_task(shard: _Shard, layer: str, q: Any) -> Any:
     """On a worker: ``sum_i x~_i x~_i^T q`` over the shard's rows of ``layer``."""
     _worker_threads()
@@ -270,6 +278,11 @@ class RowShardObjective(ProbeObjective):
                 if g is not None:
                     acc[3] += torch.from_numpy(g)
         return [Partial(*acc) for acc in out]
+
+    def row_outputs(self, split: str, point: Point) -> dict[str, torch.Tensor]:
+        parts = self._map(split, _outputs_task, point.layer, point.l2,
+                          point.theta.cpu().numpy())  # in shard order: the split's rows
+        return {k: torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in parts[0]}
 
     def moment_sums(self, split: str, layer: str, q: torch.Tensor) -> torch.Tensor:
         parts = self._map(split, _moment_task, layer, q.cpu().numpy())

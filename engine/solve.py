@@ -25,6 +25,7 @@ from . import _fit, schedule
 from . import format as fmt
 from ._devices import resolve_device
 from ._sources import ProbeData
+from ._tasks import MDL_FRACTIONS
 from .errors import InvalidArgumentError, StoreError
 from .options import DEFAULT_L2_GRID, SolveOptions
 from .results import ProbeResults
@@ -55,6 +56,10 @@ def solve(
     allow_partial: bool = False,
     max_memory: int | str | None = None,
     shard: str = "auto",
+    controls: str | tuple[str, ...] = (),
+    mdl: bool = False,
+    mdl_blocks: tuple[float, ...] = MDL_FRACTIONS,
+    class_weight: str | None = None,
     progress: bool = True,
     client: Any = None,
 ) -> ProbeResults:
@@ -67,9 +72,11 @@ def solve(
         layers: layer keys to probe (default: all).
         label: which label array of the store to predict.
         solver: ``"lbfgs"`` (full batch: the exact optimum; features resident on
-            ``device`` within ``max_memory``, else streamed from the store every pass) or
+            ``device`` within ``max_memory``, else streamed from the store every pass),
             ``"sgd"`` (minibatch Adam streaming row blocks from the store in a shuffled
-            order, with early stopping).
+            order, with early stopping) or ``"ridge"`` (least squares on {-1, +1} one-hot
+            targets in closed form, every lambda from one pass and one eigendecomposition
+            per layer; docs/solve.md, "Ridge probes").
         l2: lambda, a list of lambdas, or ``"auto"`` (:data:`DEFAULT_L2_GRID`); with more
             than one, every lambda is fitted and the one with the lowest validation top-1
             error (then loss) is kept, which needs a ``"valid"`` split.
@@ -99,6 +106,20 @@ def solve(
             summed over row shards on the workers, the L-BFGS state kept here) or
             ``"auto"`` (rows for the layers whose train features exceed one worker's
             ``max_memory``, the others a layer per task).
+        controls: baselines fitted beside each layer's probe, at the lambda its grid
+            chose, in the same passes: ``"shuffled"`` (each split's labels permuted,
+            seeded by ``seed``) and / or ``"control"`` (Hewitt & Liang's control task: each
+            item, or each token type of a token store with a ``"token"`` label set, a
+            random class drawn from the train class distribution). The table gets
+            ``<control>_top1_error`` and ``selectivity``, the accuracy minus the first
+            control's (docs/reproducing.md, "Reading the baselines").
+        mdl, mdl_blocks: report each layer's online codelength (Voita & Titov, 2020): a
+            probe per block of the schedule (percent of train, in a seeded order), fitted
+            on the rows before the block at the layer's chosen lambda, codes the block; the
+            table gets ``codelength`` (bits), ``compression`` (uniform / online).
+        class_weight: ``"balanced"`` weights train rows N / (C N_c) (scikit-learn's
+            rule): the objective is the weighted mean, and train loss / error are
+            weighted; valid / test are scored unweighted.
         client: a ``distributed.Client`` (e.g. :func:`engine.cluster`): each layer is solved
             on a worker, placed by cost N * D * C, which reads it from the store's path and
             saves its probe there; the results equal a single-process solve's. Needs a store
@@ -111,7 +132,8 @@ def solve(
         label=label, solver=solver, l2=l2, max_iter=max_iter, tol=tol,
         early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, run=run,
-        allow_partial=allow_partial, max_memory=max_memory, shard=shard)
+        allow_partial=allow_partial, max_memory=max_memory, shard=shard, controls=controls,
+        mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight)
     resolve_device(options.device)  # a device that does not exist: refused before any read
     t_start = time.perf_counter()
 
@@ -162,4 +184,5 @@ def _results(data: ProbeData, finished: dict[str, dict], config: dict, run: str,
     return ProbeResults.from_records(
         {layer: finished[layer] for layer in data.layers}, info, config=config,
         run=run if store is not None else None, path=store.path if store else None,
+        labels={s: y.numpy() for s, y in data.labels.items()}, groups=data.groups or None,
     )

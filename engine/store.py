@@ -488,5 +488,10 @@ def load_results(path: str | os.PathLike | Store, run: str = "default") -> Probe
     order = [layer for layer in store.layers if layer in records]
     info = {layer: {k: store.layer_info(layer)[k] for k in ("site", "dim", "reduction")}
             for layer in order}
+    label = config.get("label", "y")
+    scored = [s for s in store.splits if store.committed(s) > 0]
+    labels = {s: store.labels(s, label) for s in scored}
+    groups = {s: store.index(s)[: len(labels[s])] for s in scored} if store.token_rows else None
     return ProbeResults.from_records({layer: records[layer] for layer in order}, info,
-                                     config=config, run=run, path=store.path)
+                                     config=config, run=run, path=store.path, labels=labels,
+                                     groups=groups)

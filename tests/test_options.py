@@ -82,7 +82,7 @@ def test_malformed_flags_are_usage_errors(argv, words, capsys):
 
 def test_options_check_every_value_by_name():
     for cls, kwargs, words in [
-        (SolveOptions, {"solver": "newton"}, "solver must be 'lbfgs' or 'sgd'"),
+        (SolveOptions, {"solver": "newton"}, "solver must be 'lbfgs', 'sgd' or 'ridge'"),
         (SolveOptions, {"max_iter": 0}, "max_iter must be an integer of at least 1"),
         (SolveOptions, {"tol": -1.0}, "tol must be a number above 0"),
         (SolveOptions, {"lr": float("nan")}, "lr must be a number above 0"),

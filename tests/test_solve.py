@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, f1_score
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -542,7 +543,9 @@ def _metrics(x, y, w, b):
 def test_results_table_weights_and_store_layout(store):
     res = solve(store, l2=1e-3, tol=1e-5)
     t = res.table
-    assert list(t.columns) == COLUMNS
+    scores = ["top1_error_low", "top1_error_high", "top5_error_low", "top5_error_high",
+              "balanced_accuracy", "macro_f1", "ece"]
+    assert list(t.columns) == COLUMNS + scores
     assert list(zip(t.layer, t.split, strict=True)) == [
         (layer, split) for layer in store.layers for split in store.splits]
     assert list(t.dim) == [20] * 6 + [10] * 3
@@ -555,7 +558,22 @@ def test_results_table_weights_and_store_layout(store):
         assert row.loss == pytest.approx(loss, rel=1e-5)
         assert row.top1_error == pytest.approx(top1, abs=1.5 / len(y))
         assert row.top5_error == pytest.approx(top5, abs=1.5 / len(y))
+        if row.split == "train":  # per-row outputs, hence scores, of valid / test only
+            assert np.isnan(row.balanced_accuracy) and np.isnan(row.top1_error_low)
+            continue
+        pred = (x.astype(np.float64) @ w + b).argmax(axis=1)
+        assert row.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, pred))
+        assert row.macro_f1 == pytest.approx(f1_score(y, pred, average="macro"))
+        assert row.top1_error_low <= row.top1_error <= row.top1_error_high
+        assert 0 <= row.ece <= 1
     assert res.error("test").index.tolist() == store.layers
+    sig = res.significance("test")
+    assert list(zip(sig.layer, sig.next, strict=True)) == list(zip(
+        store.layers, store.layers[1:], strict=False))
+    e = res.error("test")
+    np.testing.assert_allclose(sig.difference, np.diff(e.to_numpy()), atol=1e-12)
+    assert ((sig.low <= sig.difference) & (sig.difference <= sig.high)).all()
+    assert engine.load_results(store.path).table.equals(t)  # scored again from the saved outputs
 
     # saved: float32 zarr arrays and JSON attributes, readable with plain zarr
     root = zarr.open_group(store.path, mode="r")
@@ -572,9 +590,10 @@ def test_results_table_weights_and_store_layout(store):
             if name == "zarr.json":
                 with open(full) as f:
                     json.load(f)  # plain JSON
-            else:  # nothing but chunks of W and b
+            else:  # nothing but chunks of W, b and the per-row outputs
                 rel = os.path.relpath(full, probes).split(os.sep)
-                assert rel[2] in ("W", "b") and rel[3] == "c", rel
+                assert (rel[2] in ("W", "b") and rel[3] == "c") or (
+                    rel[2] == "outputs" and rel[3] in ("valid", "test")), rel
     with open(os.path.join(probes, "default", "1", "zarr.json")) as f:
         attrs = json.load(f)["attributes"]["probe_engine"]
     assert attrs["l2"] == 1e-3 and attrs["complete"] is True

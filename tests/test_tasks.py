@@ -1,0 +1,201 @@
+"""Tasks in the batched solve (engine/_tasks.py): controls, MDL blocks and class weights are
+more probes on the same features, each checked against scikit-learn fitted on what the task
+means (permuted labels, a subset of rows, weighted rows), and batched equal to alone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from test_solve import _one_thread, blobs, objective, solve  # noqa: F401  (fixture)
+
+from engine import _lbfgs, _tasks
+from engine._fit import objective_for
+from engine._sources import ProbeData
+from engine.errors import InvalidArgumentError
+from engine.options import SolveOptions
+
+LAM = 1e-2
+
+
+def _weighted_objective(x, y, w, b, lam, weights) -> float:
+    x, w, b = (np.asarray(a, dtype=np.float64) for a in (x, w, b))
+    z = x @ w + b
+    m = z.max(axis=1, keepdims=True)
+    loss = np.log(np.exp(z - m).sum(axis=1)) + m[:, 0] - z[np.arange(len(y)), y]
+    return float((weights * loss).sum() / weights.sum() + 0.5 * lam * np.sum(w * w))
+
+
+def _fit_task(x, y, task: _tasks.Task, lam=LAM) -> np.ndarray:
+    """theta (D+1, C) of one probe of ``task`` fitted by the batched driver."""
+    data = ProbeData.from_arrays({"x": x}, y, None)
+    options = SolveOptions.from_kwargs(l2=lam, device="cpu", dtype="float64", tol=1e-9)
+    obj = objective_for(data, ["x"], options)
+    obj.add_tasks([task])
+    out = {}
+    _lbfgs.fit(obj, ["x"], [lam], options.lbfgs, lambda layer, sols: out.update(s=sols),
+               task=task.name)
+    (s,) = out["s"]
+    assert s.task == task.name and s.converged
+    return s.theta.numpy()
+
+
+def _sklearn(x, y, c_inverse, **kw) -> LogisticRegression:
+    return LogisticRegression(C=c_inverse, tol=1e-10, max_iter=10000, **kw).fit(
+        x.astype(np.float64), y)
+
+
+def test_a_task_of_permuted_labels_is_fitted_on_them():
+    x, y = blobs(240, 6, 4, seed=1)
+    task = _tasks.shuffled_task({"train": torch.from_numpy(y)}, seed=3)
+    ys = task.labels["train"].numpy()
+    assert sorted(ys) == sorted(y) and (ys != y).mean() > 0.5
+    theta = _fit_task(x, y, task)
+    clf = _sklearn(x, ys, 1 / (LAM * len(y)))
+    ours = objective(x, ys, theta[:-1], theta[-1], LAM)
+    ref = objective(x, ys, clf.coef_.T, clf.intercept_, LAM)
+    assert abs(ours - ref) <= 1e-6 * ref
+
+
+def test_a_task_on_a_subset_of_rows_is_scikit_learn_on_that_subset():
+    x, y = blobs(300, 5, 3, seed=2)
+    fit, score = _tasks.mdl_tasks(torch.from_numpy(y), [60, 150, 300], seed=0)
+    subset = fit[1].labels["train"].numpy() != _tasks.IGNORE
+    assert subset.sum() == 150
+    nxt = score[1].labels["train"].numpy() != _tasks.IGNORE
+    assert nxt.sum() == 150 and not (subset & nxt).any()
+    theta = _fit_task(x, y, fit[1])
+    clf = _sklearn(x[subset], y[subset], 1 / (LAM * 150))
+    ours = objective(x[subset], y[subset], theta[:-1], theta[-1], LAM)
+    ref = objective(x[subset], y[subset], clf.coef_.T, clf.intercept_, LAM)
+    assert abs(ours - ref) <= 1e-6 * ref
+
+
+def test_balanced_class_weights_are_scikit_learns():
+    rng = np.random.default_rng(4)
+    x, y = blobs(400, 5, 3, seed=4, noise=2.0)
+    keep = (y != 0) | (rng.random(len(y)) < 0.2)  # class 0 rare
+    x, y = x[keep], y[keep]
+    weights = _tasks.balanced_weights(torch.from_numpy(y), 3).numpy()
+    clf = _sklearn(x, y, 1 / (LAM * len(y)), class_weight="balanced")
+    sk = np.array([len(y) / (3 * np.sum(y == c)) for c in range(3)])[y]
+    np.testing.assert_allclose(weights, sk)
+    res = solve({"x": x}, labels=y, l2=LAM, class_weight="balanced", dtype="float64",
+                tol=1e-9)
+    w, b = res.weights["x"]
+    ours = _weighted_objective(x, y, w, b, LAM, weights)
+    ref = _weighted_objective(x, y, clf.coef_.T, clf.intercept_, LAM, weights)
+    assert abs(ours - ref) <= 1e-5 * ref
+    # weighted train error is one minus the mean per-class recall
+    pred = (x @ w + b).argmax(axis=1)
+    recall = np.mean([np.mean(pred[y == c] == c) for c in range(3)])
+    (train,) = res.table[res.table.split == "train"].top1_error
+    assert train == pytest.approx(1 - recall, abs=1e-6)
+
+
+def _splits(seed=5, n=(300, 150, 150), d=8, c=4):
+    x, y = blobs(sum(n), d, c, seed=seed, noise=1.5)
+    layers = {"a": x, "b": x[:, :3] + 0.1}
+    cut = np.cumsum(n)[:-1]
+    names = ("train", "valid", "test")
+    feats = {s: {k: np.split(v, cut)[i] for k, v in layers.items()} for i, s in
+             enumerate(names)}
+    return feats, dict(zip(names, np.split(y, cut), strict=True))
+
+
+def test_controls_give_selectivity_at_the_chosen_lambda():
+    feats, labels = _splits()
+    res = solve(feats, labels=labels, l2=[1e-3, 1e-1], controls=["control", "shuffled"])
+    t = res.table
+    for col in ("control_top1_error", "shuffled_top1_error", "selectivity"):
+        assert t[col].notna().all(), col
+    np.testing.assert_allclose(t.selectivity, t.control_top1_error - t.top1_error)
+    test = t[t.split == "test"]
+    # random labels cannot be predicted on rows the probe never saw: near chance (3/4)
+    assert (test.control_top1_error > 0.55).all() and (test.shuffled_top1_error > 0.55).all()
+    sel = test.set_index("layer").selectivity
+    assert sel["a"] > 0.2 and sel["a"] > sel["b"] > 0  # more of the signal, more selective
+    # the control probes are fitted at the lambda each layer chose, and memorise train
+    train = t[t.split == "train"].set_index("layer")
+    assert train.loc["a", "control_top1_error"] < test.set_index("layer").loc[
+        "a", "control_top1_error"]
+
+
+def test_mdl_codelength_is_the_per_block_scikit_learn_computation():
+    feats, labels = _splits(seed=6)
+    x, y = feats["train"]["a"], labels["train"]
+    blocks = (10.0, 25.0, 50.0, 100.0)
+    res = solve({"a": x}, labels=y, l2=LAM, mdl=True, mdl_blocks=blocks, dtype="float64",
+                tol=1e-9)
+    row = res.table.iloc[0]
+    bounds = _tasks.mdl_boundaries(len(y), blocks)
+    assert bounds == [30, 75, 150, 300]
+    fit, score = _tasks.mdl_tasks(torch.from_numpy(y), bounds, seed=0)
+    nats = 0.0
+    for f, s in zip(fit, score, strict=True):
+        rows = f.labels["train"].numpy() != _tasks.IGNORE
+        nxt = s.labels["train"].numpy() != _tasks.IGNORE
+        clf = _sklearn(x[rows], y[rows], 1 / (LAM * rows.sum()))
+        nats += log_loss(y[nxt], clf.predict_proba(x[nxt]), labels=range(4),
+                         normalize=False)
+    want = bounds[0] * 2 + nats / math.log(2)  # log2(4 classes) = 2 bits
+    assert row.codelength == pytest.approx(want, rel=1e-4)
+    assert row.uniform_codelength == 2 * len(y)
+    assert row.compression == pytest.approx(2 * len(y) / want)
+    assert row.compression > 1.2  # the classes are learnable: the online code is shorter
+
+
+def test_baselines_batched_equal_baselines_alone():
+    feats, labels = _splits(seed=7)
+    kw = dict(l2=[1e-3, 1e-1], controls=["shuffled"], mdl=True,
+              mdl_blocks=(20.0, 50.0, 100.0))
+    both = solve(feats, labels=labels, **kw).table.set_index(["layer", "split"])
+    for layer in ("a", "b"):
+        alone = solve(feats, labels=labels, layers=[layer], **kw).table.set_index(
+            ["layer", "split"])
+        cols = ["l2", "top1_error", "shuffled_top1_error", "codelength"]
+        np.testing.assert_allclose(both.loc[layer, cols].to_numpy(float),
+                                   alone.loc[layer, cols].to_numpy(float), rtol=1e-4)
+
+
+def test_mdl_boundaries_follow_the_schedule():
+    assert _tasks.mdl_boundaries(10_000, _tasks.MDL_FRACTIONS)[:3] == [10, 20, 40]
+    assert _tasks.mdl_boundaries(10_000, _tasks.MDL_FRACTIONS)[-1] == 10_000
+    assert _tasks.mdl_boundaries(50, (1.0, 2.0, 50.0, 100.0)) == [1, 25, 50]  # merged
+    with pytest.raises(InvalidArgumentError, match="end at 100"):
+        _tasks.mdl_boundaries(100, (10.0, 50.0))
+    with pytest.raises(InvalidArgumentError, match="single MDL block"):
+        _tasks.mdl_boundaries(1, (50.0, 100.0))
+
+
+def test_a_control_task_maps_each_type_to_one_class():
+    y = {"train": torch.tensor([0, 1, 2, 0, 1, 2, 0, 0]), "test": torch.tensor([1, 2, 0])}
+    types = {"train": np.array([5, 6, 5, 7, 6, 5, 8, 7]), "test": np.array([7, 5, 9])}
+    task = _tasks.control_task(y, 3, seed=0, types=types)
+    by_type: dict[int, int] = {}
+    for s in ("train", "test"):
+        for t, c in zip(types[s], task.labels[s].tolist(), strict=True):
+            assert by_type.setdefault(int(t), c) == c
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(controls=["shuffled"], solver="sgd"), "solver='lbfgs'"),
+    (dict(mdl=True, shard="rows"), "row shards"),
+    (dict(controls=["random"]), "controls must be some of"),
+    (dict(mdl_blocks=(50.0, 10.0, 100.0)), "mdl_blocks must be increasing"),
+    (dict(class_weight="auto"), "class_weight must be"),
+])
+def test_bad_task_options_are_refused(kw, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        SolveOptions.from_kwargs(**kw)
+
+
+def test_a_token_store_without_token_ids_has_no_control_task():
+    y = {"train": torch.tensor([0, 1, 0, 1])}
+    with pytest.raises(InvalidArgumentError, match="label set named 'token'"):
+        _tasks.plan(y, 2, controls=["control"], mdl_blocks=None, class_weight=None, seed=0,
+                    token_rows=True)
