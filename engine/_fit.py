@@ -22,7 +22,7 @@ from ._features import FeatureCache
 from ._sources import ProbeData
 from ._tasks import TaskPlan, mdl_codelength
 from ._tasks import plan as plan_tasks
-from .errors import SplitNotFoundError
+from .errors import DataError, SplitNotFoundError
 from .kernels import uses_cuda_kernel
 from .objective import Kernel, Point, ProbeObjective, Solution
 from .options import SolveOptions
@@ -44,6 +44,18 @@ def check_splits(data: ProbeData, options: SolveOptions) -> None:
         raise SplitNotFoundError(
             f"choosing among {len(options.grid)} l2 values needs a 'valid' split, and there "
             f"is none (splits: {list(data.splits)}); pass one l2 value, e.g. l2=1e-4")
+    if options.refit:
+        missing = [s for s in ("valid", "test") if s not in data.splits]
+        if missing:
+            raise SplitNotFoundError(
+                f"refit=True chooses lambda on 'valid', fits again on train + valid and "
+                f"scores the result on 'test'; there is no {' or '.join(map(repr, missing))} "
+                f"split (splits: {list(data.splits)})")
+        if data.sources and data.sources.get("valid") == data.sources.get("test"):
+            raise DataError(
+                f"refit=True would score on 'test' rows that chose lambda: the valid and test "
+                f"splits hold the same rows ({data.sources['test']}); give a test split of "
+                f"its own")
     if options.solver == "sgd" and options.sgd.early_stopping and "valid" not in data.splits:
         raise SplitNotFoundError(
             f"early stopping needs a 'valid' split, and there is none (splits: "
@@ -228,16 +240,32 @@ def task_plan(data: ProbeData, options: SolveOptions) -> TaskPlan:
     return plan_tasks(data.labels, data.num_classes, controls=options.controls,
                       mdl_blocks=options.mdl_blocks if options.mdl else None,
                       class_weight=options.class_weight, seed=options.sgd.seed,
-                      types=data.types, token_rows=data.token_rows)
+                      types=data.types, token_rows=data.token_rows, refit=options.refit)
 
 
 def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
                   solutions: list[Solution]) -> None:
-    """Adds to a layer's ``record`` what its control and MDL probes found: per split,
-    ``<control>_top1_error`` and ``selectivity`` (the first control's error minus the
-    probe's: accuracy above the control's); ``mdl`` (the online codelength in bits, the
-    uniform one, the compression, the block boundaries)."""
+    """Adds to a layer's ``record`` what its probes beside the chosen one found: with a
+    refit, its weights and its test metrics and outputs (``fitted_on`` per split says
+    which probe a row scores); per split, ``<control>_top1_error`` and ``selectivity``
+    (the first control's error minus the probe's: accuracy above the control's); ``mdl``
+    (the online codelength in bits, the uniform one, the compression, the blocks)."""
     by_task = {s.task: s for s in solutions}
+    if plan.refit:
+        s = by_task["refit"]
+        scored = Point(s.layer, s.l2, s.theta, plan.main)
+        (v,) = objective.evaluate("test", [scored], grad=False)
+        for split, m in record["metrics"].items():
+            m["fitted_on"] = "train+valid" if split == "test" else "train"
+        record["metrics"]["test"].update(
+            loss=v.loss, top1_error=v.top1_error,
+            top5_error=v.top5_error if objective.num_classes > 5 else math.nan)
+        record["W"], record["b"] = (s.theta[:-1].float().cpu().numpy(),
+                                    s.theta[-1].float().cpu().numpy())
+        record["outputs"]["test"] = {k: t.numpy() for k, t in objective.row_outputs(
+            "test", scored).items()}
+        record["refit"] = {"iterations": s.iterations, "converged": s.converged,
+                           "reason": s.reason}
     if plan.controls:
         for split in objective.splits:
             values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta, s.task) for s in (

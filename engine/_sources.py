@@ -7,6 +7,7 @@ range by row range (read lazily, checked finite as they are read).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -57,6 +58,9 @@ class ProbeData:
     #: control task; None without them
     types: dict[str, np.ndarray] | None = None
     token_rows: bool = False
+    #: split -> its rows in the source and a digest of a sample of them (the store's
+    #: record): two splits with the same hold the same rows
+    sources: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -121,6 +125,8 @@ class ProbeData:
                   for layer in chosen}
         data = _checked(store.read, dims, labels, chosen, info, store.num_classes(label),
                         store.block_rows, stored)
+        data.sources = {s: (v.rows, v.digest) for s, v in store.meta.dataset.splits.items()
+                        if s in labels}
         if store.token_rows:
             data.token_rows = True
             data.groups = {s: store.index(s)[: len(y)] for s, y in labels.items()}
@@ -168,7 +174,20 @@ class ProbeData:
         def reader(split: str, layer: str, start: int, stop: int):
             return by_split[split][layer][start:stop]
 
-        return _checked(reader, dims, y, chosen, info, None, DEFAULT_BLOCK_ROWS, stored)
+        data = _checked(reader, dims, y, chosen, info, None, DEFAULT_BLOCK_ROWS, stored)
+        data.sources = {s: _digest(data, s) for s in data.splits} if chosen else {}
+        return data
+
+
+def _digest(data: ProbeData, split: str) -> tuple[int, str]:
+    """(rows, a digest of the labels and of three rows of the first layer) of ``split``:
+    equal for splits that hold the same rows."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(data.labels[split].numpy().tobytes())
+    n = data.rows(split)
+    for r in sorted({0, n // 2, n - 1}):
+        h.update(data.read(split, data.layers[0], r, r + 1).float().numpy().tobytes())
+    return n, h.hexdigest()
 
 
 def _dtype_of(x: Any) -> torch.dtype:

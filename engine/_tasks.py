@@ -53,6 +53,9 @@ class Task:
     name: str
     labels: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: splits whose rows are fitted on together: a fit's "train" passes sum over each
+    #: (the refit on train + valid); empty: train alone
+    pool: tuple[str, ...] = ()
     _totals: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,7 +71,7 @@ class Task:
     def to(self, device: torch.device, dtype: torch.dtype) -> Task:
         """The same task with its labels (and weights, in ``dtype``) on ``device``."""
         return Task(self.name, {s: y.to(device) for s, y in self.labels.items()},
-                    {s: w.to(device, dtype) for s, w in self.weights.items()})
+                    {s: w.to(device, dtype) for s, w in self.weights.items()}, self.pool)
 
 
 def _generator(seed: int, salt: str) -> np.random.Generator:
@@ -169,20 +172,31 @@ class TaskPlan:
     tasks: list[Task] = field(default_factory=list)
     controls: tuple[str, ...] = ()
     boundaries: list[int] = field(default_factory=list)
+    refit: bool = False
 
     @property
     def extra(self) -> list[str]:
         """The tasks fitted at each layer's chosen lambda once its grid is done."""
-        return [*self.controls, *(f"mdl:{i}" for i in range(1, len(self.boundaries)))]
+        return [*self.controls, *(f"mdl:{i}" for i in range(1, len(self.boundaries))),
+                *(["refit"] if self.refit else [])]
 
 
 def plan(labels: Mapping[str, torch.Tensor], num_classes: int, *, controls: Sequence[str],
          mdl_blocks: Sequence[float] | None, class_weight: str | None, seed: int,
-         types: Mapping[str, np.ndarray] | None = None, token_rows: bool = False
-         ) -> TaskPlan:
+         types: Mapping[str, np.ndarray] | None = None, token_rows: bool = False,
+         refit: bool = False) -> TaskPlan:
     """The :class:`TaskPlan` of a solve with these options (``labels``: split -> (N,) on
-    the CPU; ``types``: the token ids of a token store, for its control task)."""
-    out = TaskPlan(controls=tuple(controls))
+    the CPU; ``types``: the token ids of a token store, for its control task; ``refit``:
+    fit each layer again at its chosen lambda on train + valid)."""
+    out = TaskPlan(controls=tuple(controls), refit=refit)
+    if refit:  # the same labels (and rule for weights) over the rows of both splits
+        weights = {}
+        if class_weight == "balanced":
+            both = balanced_weights(torch.cat([labels["train"], labels["valid"]]),
+                                    num_classes)
+            weights = {"train": both[: len(labels["train"])],
+                       "valid": both[len(labels["train"]):]}
+        out.tasks.append(Task("refit", dict(labels), weights, pool=("train", "valid")))
     if class_weight == "balanced":
         out.main = "balanced"
         out.tasks.append(Task("balanced", dict(labels), {

@@ -162,10 +162,20 @@ class ProbeObjective:
             raise InvalidArgumentError(f"task {task!r} has no labels for split {split!r}"
                                        ) from None
 
-    def total(self, task: str, split: str, n: int) -> float:
+    def total(self, task: str, split: str, n: int, pooled: bool = False) -> float:
         """The N of ``task``'s mean loss on ``split``: ``n`` (the split's rows) for the
-        default task, else the weight of the task's counted rows."""
-        return float(n) if not task else self.tasks[task].total(split)
+        default task, else the weight of the task's counted rows; ``pooled``: of the rows
+        of every split the task pools (:attr:`engine._tasks.Task.pool`)."""
+        if not task:
+            return float(n)
+        t = self.tasks[task]
+        return sum(t.total(s) for s in t.pool) if pooled else t.total(split)
+
+    def pool(self, task: str, split: str) -> tuple[str, ...]:
+        """The splits whose rows an evaluation of ``task`` on ``split`` sums: the task's
+        pool for "train" (a refit on train + valid), else ``split`` alone."""
+        t = self.tasks.get(task) if task else None
+        return t.pool if t is not None and t.pool and split == "train" else (split,)
 
     # -- the pieces, each written once -----------------------------------------------------
     def pack(self, thetas: Sequence[torch.Tensor], d: int, dtype: torch.dtype, pad: int
@@ -249,12 +259,32 @@ class ProbeObjective:
 
     def evaluate(self, split: str, points: Sequence[Point], *, grad: bool) -> list[Value]:
         """:class:`Value` of each point on ``split``: one pass over each layer's rows,
-        shared by all of the layer's points, and by the layers of a stacked run."""
-        n = self.rows(split)
-        return self.finish(points, self.partials(split, points, grad=grad, n=n), n, split)
+        shared by all of the layer's points, and by the layers of a stacked run. A point
+        whose task pools splits (a refit on train + valid) sums a pass over each."""
+        pools: dict[tuple[str, ...], list[int]] = {}
+        for i, point in enumerate(points):
+            pools.setdefault(self.pool(point.task, split), []).append(i)
+        if list(pools) == [(split,)]:
+            n = self.rows(split)
+            return self.finish(points, self.partials(split, points, grad=grad, n=n), n, split)
+        out: list = [None] * len(points)
+        for pool, at in pools.items():
+            pts = [points[i] for i in at]
+            n = sum(self.rows(s) for s in pool)
+            sums = None
+            for s in pool:
+                part = self.partials(s, pts, grad=grad, n=n, pooled=len(pool) > 1)
+                sums = part if sums is None else [Partial(
+                    a.loss + b.loss, a.top1 + b.top1, a.top5 + b.top5,
+                    None if a.gradient is None else a.gradient + b.gradient)
+                    for a, b in zip(sums, part, strict=True)]
+            for i, v in zip(at, self.finish(pts, sums, n, pool[0], pooled=len(pool) > 1),
+                            strict=True):
+                out[i] = v
+        return out
 
-    def partials(self, split: str, points: Sequence[Point], *, grad: bool, n: int
-                 ) -> list[Partial]:
+    def partials(self, split: str, points: Sequence[Point], *, grad: bool, n: int,
+                 pooled: bool = False) -> list[Partial]:
         """:class:`Partial` sums of each point over this objective's rows of ``split``,
         gradients scaled by 1 / ``n`` (``n``: the rows of the whole split, of which these
         may be a shard): sums over shards add up to the whole split's."""
@@ -265,7 +295,7 @@ class ProbeObjective:
         for at in by_layer.values():  # a task's probes side by side: one kernel call each
             at.sort(key=lambda i: points[i].task)
         for run in self.features.runs(split, by_layer):
-            self._run_partials(split, run, by_layer, points, out, grad, n)
+            self._run_partials(split, run, by_layer, points, out, grad, n, pooled)
         return out
 
     @staticmethod
@@ -280,14 +310,14 @@ class ProbeObjective:
         return out
 
     def _task_xent(self, z: torch.Tensor, segment: tuple[str, int, int], split: str,
-                   r0: int, n: int, grad: bool) -> tuple[torch.Tensor, ...]:
+                   r0: int, n: int, grad: bool, pooled: bool) -> tuple[torch.Tensor, ...]:
         """The kernel on the logits of one segment of a layer's probes (z: the layer's
         (B, width) logits of rows [r0, r0 + B)): loss sums, top-1 and top-5 hits."""
         task, first, m = segment
         c, rows = self.num_classes, z.shape[0]
         logits = z[:, first * c : (first + m) * c].view(rows, m, c).transpose(0, 1)
         y = self.task_labels(task, split)[r0 : r0 + rows]
-        scale = 1.0 / max(self.total(task, split, n), 1e-300)
+        scale = 1.0 / max(self.total(task, split, n, pooled), 1e-300)
         weights = self.tasks[task].weights.get(split) if task else None
         if weights is None:
             _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
@@ -295,7 +325,8 @@ class ProbeObjective:
         return weighted_softmax_xent(logits, y, weights[r0 : r0 + rows], scale, grad)
 
     def _run_partials(self, split: str, run: list[str], by_layer: dict[str, list[int]],
-                      points: Sequence[Point], out: list, grad: bool, n: int) -> None:
+                      points: Sequence[Point], out: list, grad: bool, n: int,
+                      pooled: bool = False) -> None:
         y = self.features.labels(split)
         c, d = self.num_classes, max(self.dims[layer] for layer in run)
         if len(run) > 1:  # a stack: as wide as its widest layer
@@ -322,7 +353,8 @@ class ProbeObjective:
                 yb = y[r0 : r0 + xb.shape[1]]
                 sums = [[(0, k, s)] for s in self.softmax_xent(z, k, yb, 1.0 / n, grad)]
             else:
-                sums = [[(seg[1], seg[2], self._task_xent(z[j], seg, split, r0, n, grad))
+                sums = [[(seg[1], seg[2], self._task_xent(z[j], seg, split, r0, n, grad,
+                                                          pooled))
                          for seg in segments[j]] for j in range(nl)]
             for j, parts in enumerate(sums):
                 for first, m, (ls, t1, t5) in parts:
@@ -346,7 +378,7 @@ class ProbeObjective:
                                  g[:, m] if grad else None)
 
     def finish(self, points: Sequence[Point], partials: Sequence[Partial], n: int,
-               split: str = "train") -> list[Value]:
+               split: str = "train", pooled: bool = False) -> list[Value]:
         """Each point's :class:`Value` from its partial sums over all ``n`` rows of
         ``split``: the means (over its task's counted rows), and the penalty added to the
         objective and the gradient."""
@@ -364,7 +396,7 @@ class ProbeObjective:
                 self.penalty_gradient(g[:dj], theta[:dj], l2)
             for m, i in enumerate(at):
                 point, part = points[i], partials[i]
-                total = max(self.total(point.task, split, n), 1e-300)
+                total = max(self.total(point.task, split, n, pooled), 1e-300)
                 loss = part.loss / total
                 out[i] = Value(loss, loss + self.penalty(point.theta[:dj], point.l2),
                                g[:, m].clone() if grad else None,

@@ -453,6 +453,9 @@ class SolveOptions(Options):
         MDL_FRACTIONS, "the MDL block schedule in %% of train, increasing, ending at 100 "
         "(default: Voita & Titov's 0.1 0.2 0.4 ... 50 100)", check=_fractions,
         cli={"nargs": "+", "type": float, "metavar": "PERCENT"})
+    refit: bool = option(False, "after choosing lambda on valid, fit each probe again on "
+                         "train + valid and score it on test (DINOv2's linear-eval protocol)",
+                         check=flag)
     class_weight: str | None = option(None, "'balanced': train rows weighted N / (C N_c), "
                                       "scikit-learn's rule (valid / test are scored "
                                       "unweighted)", check=_one_of(
@@ -492,11 +495,12 @@ class SolveOptions(Options):
     def tasks(self) -> bool:
         """Whether probes other than the layer's own are asked for (controls, MDL, class
         weights)."""
-        return bool(self.controls or self.mdl or self.class_weight)
+        return bool(self.controls or self.mdl or self.class_weight or self.refit)
 
     def _task_words(self) -> str:
         asked = [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
-                                 ("class weights", self.class_weight)) if on]
+                                 ("class weights", self.class_weight),
+                                 ("refits on train + valid", self.refit)) if on]
         return " and ".join(asked)
 
     @property
@@ -519,6 +523,8 @@ class SolveOptions(Options):
             out.update(mdl_blocks=list(self.mdl_blocks))
         if self.class_weight:
             out.update(class_weight=self.class_weight)
+        if self.refit:
+            out.update(refit=True)
         if self.controls or self.mdl:
             out.update(seed=self.sgd.seed)
         return out

@@ -60,6 +60,7 @@ def solve(
     mdl: bool = False,
     mdl_blocks: tuple[float, ...] = MDL_FRACTIONS,
     class_weight: str | None = None,
+    refit: bool = False,
     progress: bool = True,
     client: Any = None,
 ) -> ProbeResults:
@@ -117,6 +118,11 @@ def solve(
             probe per block of the schedule (percent of train, in a seeded order), fitted
             on the rows before the block at the layer's chosen lambda, codes the block; the
             table gets ``codelength`` (bits), ``compression`` (uniform / online).
+        refit: DINOv2's linear-eval protocol: once lambda is chosen on valid, the probe is
+            fitted again on train + valid at that lambda; its weights are the result, and
+            the test row scores it (``fitted_on`` says "train+valid"; the train and valid
+            rows stay those of the probe that chose lambda). Needs a valid and a test split
+            that share no rows.
         class_weight: ``"balanced"`` weights train rows N / (C N_c) (scikit-learn's
             rule): the objective is the weighted mean, and train loss / error are
             weighted; valid / test are scored unweighted.
@@ -133,7 +139,7 @@ def solve(
         early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, run=run,
         allow_partial=allow_partial, max_memory=max_memory, shard=shard, controls=controls,
-        mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight)
+        mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight, refit=refit)
     resolve_device(options.device)  # a device that does not exist: refused before any read
     t_start = time.perf_counter()
 

@@ -16,7 +16,7 @@ from test_solve import _one_thread, blobs, objective, solve  # noqa: F401  (fixt
 from engine import _lbfgs, _tasks
 from engine._fit import objective_for
 from engine._sources import ProbeData
-from engine.errors import InvalidArgumentError
+from engine.errors import DataError, InvalidArgumentError, SplitNotFoundError
 from engine.options import SolveOptions
 
 LAM = 1e-2
@@ -199,3 +199,38 @@ def test_a_token_store_without_token_ids_has_no_control_task():
     with pytest.raises(InvalidArgumentError, match="label set named 'token'"):
         _tasks.plan(y, 2, controls=["control"], mdl_blocks=None, class_weight=None, seed=0,
                     token_rows=True)
+
+
+def test_refit_is_scikit_learn_on_train_and_valid_scored_on_test():
+    feats, labels = _splits(seed=8)
+    grid = [1e-3, 1e-1]
+    res = solve(feats, labels=labels, l2=grid, refit=True, dtype="float64", tol=1e-9)
+    once = solve(feats, labels=labels, l2=grid, dtype="float64", tol=1e-9)
+    t, t0 = res.table.set_index(["layer", "split"]), once.table.set_index(["layer", "split"])
+    for layer in ("a", "b"):
+        lam = t.loc[(layer, "test"), "l2"]
+        assert lam == t0.loc[(layer, "test"), "l2"]  # chosen on valid, before the refit
+        x = np.concatenate([feats["train"][layer], feats["valid"][layer]])
+        y = np.concatenate([labels["train"], labels["valid"]])
+        clf = _sklearn(x, y, 1 / (lam * len(y)))
+        w, b = res.weights[layer]
+        ours = objective(x, y, w, b, lam)
+        ref = objective(x, y, clf.coef_.T, clf.intercept_, lam)
+        assert abs(ours - ref) <= 1e-6 * ref
+        pred = (feats["test"][layer] @ w + b).argmax(axis=1)
+        assert t.loc[(layer, "test"), "top1_error"] == pytest.approx(
+            np.mean(pred != labels["test"]))
+        assert t.loc[(layer, "test"), "fitted_on"] == "train+valid"
+        for split in ("train", "valid"):  # the probe that chose lambda, unchanged
+            assert t.loc[(layer, split), "fitted_on"] == "train"
+            assert t.loc[(layer, split), "top1_error"] == t0.loc[(layer, split), "top1_error"]
+
+
+def test_refit_never_scores_rows_that_chose_lambda():
+    feats, labels = _splits(seed=9)
+    same = {**feats, "test": feats["valid"]}
+    with pytest.raises(DataError, match="same rows"):
+        solve(same, labels={**labels, "test": labels["valid"]}, l2=[1e-3, 1e-1], refit=True)
+    no_test = {s: feats[s] for s in ("train", "valid")}
+    with pytest.raises(SplitNotFoundError, match="no 'test'"):
+        solve(no_test, labels={s: labels[s] for s in no_test}, l2=[1e-3, 1e-1], refit=True)
