@@ -44,6 +44,9 @@ def check_splits(data: ProbeData, options: SolveOptions) -> None:
         raise SplitNotFoundError(
             f"choosing among {len(options.grid)} l2 values needs a 'valid' split, and there "
             f"is none (splits: {list(data.splits)}); pass one l2 value, e.g. l2=1e-4")
+    if options.shots and "valid" not in data.splits:
+        raise SplitNotFoundError(f"few-shot probes choose their lambda on a 'valid' split, "
+                                 f"and there is none (splits: {list(data.splits)})")
     if options.refit:
         missing = [s for s in ("valid", "test") if s not in data.splits]
         if missing:
@@ -165,12 +168,13 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
         """A layer's grid is done: its controls and MDL blocks at the lambda it chose."""
         if layer in chosen:
             return []
-        chosen[layer] = select(objective, solutions)
+        chosen[layer] = select(objective, [s for s in solutions if s.task == plan.main])
         return [(chosen[layer]["l2"], task) for task in plan.extra]
 
     def finished(layer: str, solutions: list[Solution]) -> None:
-        record = chosen.pop(layer, None) or select(objective, solutions)
-        if plan.extra:
+        record = chosen.pop(layer, None) or select(
+            objective, [s for s in solutions if s.task == plan.main])
+        if plan.extra or plan.shots:
             add_baselines(objective, plan, record, solutions)
         record["seconds"] = round(time.perf_counter() - started, 3)
         # SGD reads train block by block every epoch, whatever the budget
@@ -184,7 +188,7 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
     try:
         if options.solver == "lbfgs":
             _lbfgs.fit(objective, layers, options.grid, options.lbfgs, finished,
-                       precondition=precondition, progress=progress, task=plan.main,
+                       precondition=precondition, progress=progress, tasks=plan.grid_tasks,
                        more=more if plan.extra else None)
         elif options.solver == "ridge":
             _ridge.fit(objective, layers, options.grid, finished, progress=progress)
@@ -240,7 +244,8 @@ def task_plan(data: ProbeData, options: SolveOptions) -> TaskPlan:
     return plan_tasks(data.labels, data.num_classes, controls=options.controls,
                       mdl_blocks=options.mdl_blocks if options.mdl else None,
                       class_weight=options.class_weight, seed=options.sgd.seed,
-                      types=data.types, token_rows=data.token_rows, refit=options.refit)
+                      types=data.types, token_rows=data.token_rows, refit=options.refit,
+                      shots=options.shots, draws=options.draws)
 
 
 def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
@@ -251,6 +256,8 @@ def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
     (the first control's error minus the probe's: accuracy above the control's); ``mdl``
     (the online codelength in bits, the uniform one, the compression, the blocks)."""
     by_task = {s.task: s for s in solutions}
+    if plan.shots:
+        add_few_shot(objective, plan, record, solutions)
     if plan.refit:
         s = by_task["refit"]
         scored = Point(s.layer, s.l2, s.theta, plan.main)
@@ -285,3 +292,36 @@ def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
         record["mdl"] = {**mdl_codelength(plan.boundaries, objective.num_classes, losses),
                          "boundaries": list(plan.boundaries),
                          "converged": all(s.converged for s in fitted)}
+
+
+def add_few_shot(objective: ProbeObjective, plan: TaskPlan, record: dict,
+                 solutions: list[Solution]) -> None:
+    """Adds each few-shot protocol's errors to a layer's ``record``: every draw keeps the
+    lambda with the lowest validation error (then the larger lambda); on valid and test,
+    ``shots_<k>_top1_error`` is the mean over draws and ``..._std`` their deviation."""
+    names = [t for ts in plan.shots.values() for t in ts]
+    mine = [s for s in solutions if s.task in set(names)]
+    valid = objective.evaluate("valid", [Point(s.layer, s.l2, s.theta, s.task) for s in mine],
+                               grad=False)
+    best: dict[str, tuple] = {}
+    for s, v in zip(mine, valid, strict=True):
+        key = (v.top1_error, v.loss, -s.l2)
+        if s.task not in best or key < best[s.task][0]:
+            best[s.task] = (key, s, v)
+    picked = [best[t][1] for t in names]
+    scores = {"valid": [best[t][2] for t in names]}
+    if "test" in objective.splits:
+        scores["test"] = objective.evaluate(
+            "test", [Point(s.layer, s.l2, s.theta, s.task) for s in picked], grad=False)
+    record["shots"] = {}
+    for k, tasks in plan.shots.items():
+        at = [names.index(t) for t in tasks]
+        record["shots"][str(k)] = {"l2": [picked[i].l2 for i in at], **{
+            f"{split}_top1_error": [vs[i].top1_error for i in at]
+            for split, vs in scores.items()}}
+        for split, vs in scores.items():
+            errors = torch.tensor([vs[i].top1_error for i in at], dtype=torch.float64)
+            m = record["metrics"][split]
+            m[f"shots_{k}_top1_error"] = float(errors.mean())
+            m[f"shots_{k}_top1_error_std"] = (float(errors.std()) if len(at) > 1
+                                              else math.nan)

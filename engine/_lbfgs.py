@@ -259,9 +259,9 @@ More = Callable[[str, list[Solution]], Sequence[tuple[float, str]]]
 
 def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
         options: LBFGSOptions, on_layer: Callable[[str, list[Solution]], None], *,
-        precondition: bool = True, progress: bool = False, task: str = "",
+        precondition: bool = True, progress: bool = False, tasks: Sequence[str] = ("",),
         more: More | None = None) -> None:
-    """Solve one probe per (layer, lambda of ``grid``) on ``task`` from zero to
+    """Solve one probe per (layer, lambda of ``grid``, task of ``tasks``) from zero to
     ``max|grad| <= tol`` (or ``max_iter``), all at once; ``on_layer(layer, solutions)`` as
     soon as every probe of a layer is done. Each round, every probe that needs a point is
     evaluated in one :meth:`ProbeObjective.evaluate` on "train"; a new probe's first point
@@ -288,7 +288,7 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
                          device=objective.device)
         return _Probe(layer, l2, LBFGSState(x0, precond=pre), task)
 
-    probes = [start(layer, l2, task) for layer in layers for l2 in grid]
+    probes = [start(layer, l2, task) for layer in layers for task in tasks for l2 in grid]
     pending = set(layers)
     bar = tqdm(total=len(probes), unit="probe", disable=not progress, desc="solve")
     passes = 0

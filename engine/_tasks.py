@@ -114,6 +114,24 @@ def balanced_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return per_class[y]
 
 
+def few_shot_tasks(labels: Mapping[str, torch.Tensor], num_classes: int, k: int,
+                   draws: int, seed: int) -> list[Task]:
+    """CLIP's few-shot linear-probe protocol: per draw, ``k`` train rows of each class
+    (all of a class's rows when it has fewer), drawn at random (seeded), the other train
+    rows left out; valid and test whole."""
+    y = labels["train"].numpy()
+    rng = _generator(seed, f"shots:{k}")
+    by_class = [np.flatnonzero(y == c) for c in range(num_classes)]
+    out = []
+    for d in range(draws):
+        keep = np.concatenate([rng.choice(rows, min(k, len(rows)), replace=False)
+                               for rows in by_class if len(rows)])
+        train = torch.full_like(labels["train"], IGNORE)
+        train[torch.from_numpy(keep)] = labels["train"][torch.from_numpy(keep)]
+        out.append(Task(f"shots:{k}:{d}", {**labels, "train": train}))
+    return out
+
+
 def mdl_boundaries(n: int, fractions: Sequence[float]) -> list[int]:
     """Row counts ``0 < t_1 < ... < t_S = n`` of the block schedule ``fractions`` (% of
     train, increasing, the last 100): each at least one row; equal counts (a small train
@@ -173,6 +191,14 @@ class TaskPlan:
     controls: tuple[str, ...] = ()
     boundaries: list[int] = field(default_factory=list)
     refit: bool = False
+    #: k -> the few-shot tasks of k train rows per class, one per draw
+    shots: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def grid_tasks(self) -> list[str]:
+        """The tasks fitted over the whole lambda grid: the main one, then the few-shot
+        draws (each chooses its own lambda on valid)."""
+        return [self.main, *(t for names in self.shots.values() for t in names)]
 
     @property
     def extra(self) -> list[str]:
@@ -184,10 +210,11 @@ class TaskPlan:
 def plan(labels: Mapping[str, torch.Tensor], num_classes: int, *, controls: Sequence[str],
          mdl_blocks: Sequence[float] | None, class_weight: str | None, seed: int,
          types: Mapping[str, np.ndarray] | None = None, token_rows: bool = False,
-         refit: bool = False) -> TaskPlan:
+         refit: bool = False, shots: Sequence[int] = (), draws: int = 5) -> TaskPlan:
     """The :class:`TaskPlan` of a solve with these options (``labels``: split -> (N,) on
     the CPU; ``types``: the token ids of a token store, for its control task; ``refit``:
-    fit each layer again at its chosen lambda on train + valid)."""
+    fit each layer again at its chosen lambda on train + valid; ``shots``: few-shot
+    protocols of k train rows per class, ``draws`` random draws each)."""
     out = TaskPlan(controls=tuple(controls), refit=refit)
     if refit:  # the same labels (and rule for weights) over the rows of both splits
         weights = {}
@@ -211,6 +238,10 @@ def plan(labels: Mapping[str, torch.Tensor], num_classes: int, *, controls: Sequ
                 "(Store.add_labels('token', {split: ids})), or use controls=['shuffled']")
         else:
             out.tasks.append(control_task(labels, num_classes, seed, types))
+    for k in shots:
+        draws_of_k = few_shot_tasks(labels, num_classes, k, draws, seed)
+        out.shots[k] = [t.name for t in draws_of_k]
+        out.tasks += draws_of_k
     if mdl_blocks is not None:
         out.boundaries = mdl_boundaries(len(labels["train"]), mdl_blocks)
         fit, score = mdl_tasks(labels["train"], out.boundaries, seed)

@@ -143,6 +143,16 @@ def _controls(value: Any, name: str) -> tuple[str, ...]:
     return values
 
 
+def _shots(value: Any, name: str) -> tuple[int, ...]:
+    values = (value,) if isinstance(value, numbers.Integral) else tuple(value or ())
+    for v in values:
+        positive(v, f"each of {name}")
+    if list(values) != sorted(set(values)):
+        raise InvalidArgumentError(f"{name} must be distinct row counts per class in "
+                                   f"increasing order, not {value!r}")
+    return tuple(int(v) for v in values)
+
+
 def _fractions(value: Any, name: str) -> tuple[float, ...]:
     values = tuple(value) if isinstance(value, Sequence) else (value,)
     if not values or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
@@ -453,6 +463,12 @@ class SolveOptions(Options):
         MDL_FRACTIONS, "the MDL block schedule in %% of train, increasing, ending at 100 "
         "(default: Voita & Titov's 0.1 0.2 0.4 ... 50 100)", check=_fractions,
         cli={"nargs": "+", "type": float, "metavar": "PERCENT"})
+    shots: tuple[int, ...] = option(
+        (), "few-shot probes beside each layer's: for each k, probes fitted on k train rows "
+        "per class, each lambda of the grid, chosen on valid, over several random draws "
+        "(CLIP's protocol) (default: none)", check=_shots,
+        cli={"nargs": "+", "type": cli_positive, "metavar": "K"})
+    draws: int = option(5, "few-shot draws per k (see shots)", check=positive)
     refit: bool = option(False, "after choosing lambda on valid, fit each probe again on "
                          "train + valid and score it on test (DINOv2's linear-eval protocol)",
                          check=flag)
@@ -495,12 +511,14 @@ class SolveOptions(Options):
     def tasks(self) -> bool:
         """Whether probes other than the layer's own are asked for (controls, MDL, class
         weights)."""
-        return bool(self.controls or self.mdl or self.class_weight or self.refit)
+        return bool(self.controls or self.mdl or self.class_weight or self.refit
+                    or self.shots)
 
     def _task_words(self) -> str:
         asked = [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
                                  ("class weights", self.class_weight),
-                                 ("refits on train + valid", self.refit)) if on]
+                                 ("refits on train + valid", self.refit),
+                                 ("few-shot probes", self.shots)) if on]
         return " and ".join(asked)
 
     @property
@@ -525,7 +543,9 @@ class SolveOptions(Options):
             out.update(class_weight=self.class_weight)
         if self.refit:
             out.update(refit=True)
-        if self.controls or self.mdl:
+        if self.shots:
+            out.update(shots=list(self.shots), draws=self.draws)
+        if self.controls or self.mdl or self.shots:
             out.update(seed=self.sgd.seed)
         return out
 

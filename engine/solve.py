@@ -61,6 +61,8 @@ def solve(
     mdl_blocks: tuple[float, ...] = MDL_FRACTIONS,
     class_weight: str | None = None,
     refit: bool = False,
+    shots: int | tuple[int, ...] = (),
+    draws: int = 5,
     progress: bool = True,
     client: Any = None,
 ) -> ProbeResults:
@@ -123,6 +125,11 @@ def solve(
             the test row scores it (``fitted_on`` says "train+valid"; the train and valid
             rows stay those of the probe that chose lambda). Needs a valid and a test split
             that share no rows.
+        shots, draws: few-shot protocols (CLIP's linear-probe benchmark): for each k of
+            ``shots``, ``draws`` random draws (seeded by ``seed``) of k train rows per
+            class; each draw's probes cover the lambda grid in the same passes and choose
+            their lambda on valid. The table gets ``shots_<k>_top1_error`` (the mean over
+            draws) and ``shots_<k>_top1_error_std`` on valid and test.
         class_weight: ``"balanced"`` weights train rows N / (C N_c) (scikit-learn's
             rule): the objective is the weighted mean, and train loss / error are
             weighted; valid / test are scored unweighted.
@@ -139,7 +146,8 @@ def solve(
         early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, run=run,
         allow_partial=allow_partial, max_memory=max_memory, shard=shard, controls=controls,
-        mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight, refit=refit)
+        mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight, refit=refit,
+        shots=shots, draws=draws)
     resolve_device(options.device)  # a device that does not exist: refused before any read
     t_start = time.perf_counter()
 

@@ -38,7 +38,7 @@ def _fit_task(x, y, task: _tasks.Task, lam=LAM) -> np.ndarray:
     obj.add_tasks([task])
     out = {}
     _lbfgs.fit(obj, ["x"], [lam], options.lbfgs, lambda layer, sols: out.update(s=sols),
-               task=task.name)
+               tasks=[task.name])
     (s,) = out["s"]
     assert s.task == task.name and s.converged
     return s.theta.numpy()
@@ -234,3 +234,27 @@ def test_refit_never_scores_rows_that_chose_lambda():
     no_test = {s: feats[s] for s in ("train", "valid")}
     with pytest.raises(SplitNotFoundError, match="no 'test'"):
         solve(no_test, labels={s: labels[s] for s in no_test}, l2=[1e-3, 1e-1], refit=True)
+
+
+def test_few_shot_draws_are_scikit_learn_on_k_rows_per_class():
+    feats, labels = _splits(seed=10)
+    res = solve(feats, labels=labels, l2=LAM, shots=[2, 8], draws=3, dtype="float64",
+                tol=1e-9, layers=["a"])
+    t = res.table.set_index("split")
+    y = {s: torch.from_numpy(v) for s, v in labels.items()}
+    for k in (2, 8):
+        errors = []
+        for task in _tasks.few_shot_tasks(y, 4, k, 3, seed=0):
+            rows = task.labels["train"].numpy() != _tasks.IGNORE
+            assert rows.sum() == 4 * k
+            assert (np.bincount(labels["train"][rows], minlength=4) == k).all()
+            clf = _sklearn(feats["train"]["a"][rows], labels["train"][rows],
+                           1 / (LAM * rows.sum()))
+            errors.append(np.mean(clf.predict(feats["test"]["a"]) != labels["test"]))
+        assert t.loc["test", f"shots_{k}_top1_error"] == pytest.approx(np.mean(errors),
+                                                                       abs=1e-9)
+        assert t.loc["test", f"shots_{k}_top1_error_std"] == pytest.approx(
+            np.std(errors, ddof=1), abs=1e-9)
+    # more rows per class, a better probe; all rows, better still
+    assert t.loc["test", "top1_error"] < t.loc["test", "shots_8_top1_error"] < t.loc[
+        "test", "shots_2_top1_error"]
