@@ -22,7 +22,7 @@ from ._features import FeatureCache
 from ._sources import ProbeData
 from ._tasks import TaskPlan, mdl_codelength
 from ._tasks import plan as plan_tasks
-from .errors import DataError, SplitNotFoundError
+from .errors import DataError, InvalidArgumentError, SplitNotFoundError
 from .kernels import uses_cuda_kernel
 from .objective import Kernel, Point, ProbeObjective, Solution
 from .options import SolveOptions
@@ -180,6 +180,8 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
         # SGD reads train block by block every epoch, whatever the budget
         record["backend"] = {**backend, "features": "streamed" if options.solver == "sgd"
                              else objective.placement(layer)}
+        if getattr(objective, "multilabel", False):  # the sigmoid kernel is torch's alone
+            record["backend"]["kernel"] = "torch"
         on_layer(layer, record)
 
     precision = torch.get_float32_matmul_precision()
@@ -241,6 +243,9 @@ def task_plan(data: ProbeData, options: SolveOptions) -> TaskPlan:
     """The tasks ``options`` ask of a solve of ``data`` (:mod:`engine._tasks`)."""
     if not options.tasks:
         return TaskPlan()
+    if data.multilabel:
+        raise InvalidArgumentError(f"{options.task_words()} are for single-label probes; "
+                                   f"this label set is multi-label (N, C)")
     return plan_tasks(data.labels, data.num_classes, controls=options.controls,
                       mdl_blocks=options.mdl_blocks if options.mdl else None,
                       class_weight=options.class_weight, seed=options.sgd.seed,

@@ -57,7 +57,9 @@ def score(outputs: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
         y = np.asarray(labels[split])[:n]
         layers = [layer for layer, per in outputs.items()
                   if split in per and len(per[split]["pred"]) == n]
-        wrong = np.stack([outputs[layer][split]["pred"] != y for layer in layers], 1)
+        multi = y.ndim == 2  # multi-label: wrong when the top class is not a positive
+        wrong = np.stack([(y[np.arange(n), outputs[layer][split]["pred"]] == 0) if multi
+                          else outputs[layer][split]["pred"] != y for layer in layers], 1)
         hit5 = [outputs[layer][split].get("hit5") for layer in layers]
         errors, errors5 = [], []
         step = max(1, CHUNK // len(y))
@@ -77,6 +79,10 @@ def score(outputs: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
             c = {"top1_error_low": low, "top1_error_high": high}
             if err5 is not None:
                 c["top5_error_low"], c["top5_error_high"] = metrics.interval(err5[:, j], level)
+            if multi:
+                c["mAP"] = metrics.mean_average_precision(o["scores"], y)
+                cols[(layer, split)] = c
+                continue
             pred = np.asarray(o["pred"], dtype=np.int64)
             c["balanced_accuracy"] = metrics.balanced_accuracy(pred, y, num_classes)
             c["macro_f1"] = metrics.macro_f1(pred, y, num_classes)

@@ -61,6 +61,8 @@ class ProbeData:
     #: split -> its rows in the source and a digest of a sample of them (the store's
     #: record): two splits with the same hold the same rows
     sources: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: labels are (N, C) 0 / 1 (several classes per row): sigmoid probes, one per class
+    multilabel: bool = False
 
     def __post_init__(self) -> None:
         for layer in self.layers:
@@ -217,6 +219,8 @@ def _as_labels(y: Any, split: str) -> torch.Tensor:
 
 def _checked(reader, dims, labels, layers, info, num_classes, block_rows, stored
              ) -> ProbeData:
+    if any(y.ndim == 2 for y in labels.values()):
+        return _checked_multilabel(reader, dims, labels, layers, info, block_rows, stored)
     for split, y in labels.items():
         if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise DataError(f"labels of split {split!r} must be (N,) integers, got "
@@ -246,6 +250,28 @@ def _checked(reader, dims, labels, layers, info, num_classes, block_rows, stored
             warnings.warn(f"split {split!r} has classes never seen in train: {unseen[:10]}; "
                           f"their rows count as errors", ProbeEngineWarning, stacklevel=4)
     return ProbeData(reader, dims, labels, c, list(layers), info, block_rows, stored)
+
+
+def _checked_multilabel(reader, dims, labels, layers, info, block_rows, stored
+                        ) -> ProbeData:
+    """Multi-label sets: (N, C) of 0 / 1 on every split, one C; float32 targets."""
+    widths = {split: tuple(y.shape[1:]) for split, y in labels.items()}
+    if any(len(w) != 1 for w in widths.values()) or len(set(widths.values())) > 1:
+        raise DataError(f"multi-label targets must be (N, C) on every split with one C; "
+                        f"got {({s: tuple(y.shape) for s, y in labels.items()})}")
+    for split, y in labels.items():
+        if y.numel() == 0:
+            raise DataError(f"split {split!r} has no rows; give it some or leave it out")
+        bad = ((y != 0) & (y != 1)).nonzero()
+        if len(bad):
+            r, c = (int(v) for v in bad[0])
+            raise DataError(f"split {split!r}, row {r}, class {c}: multi-label targets are "
+                            f"0 or 1, not {float(y[r, c])}")
+        labels[split] = y.to(torch.float32)
+    data = ProbeData(reader, dims, labels, int(widths["train"][0]), list(layers), info,
+                     block_rows, stored)
+    data.multilabel = True
+    return data
 
 
 def _check_finite(x: torch.Tensor, layer: str, split: str, offset: int = 0) -> None:

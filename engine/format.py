@@ -608,10 +608,13 @@ def _check_existing(group: zarr.Group, name: str, shape: tuple, data, repair: bo
 def write_label_array(group: zarr.Group, meta: StoreMeta, split: str, name: str,
                       values: np.ndarray, num_classes: int) -> None:
     """Write (or replace) the whole label array ``name`` of ``split``: row-chunked like
-    ``y``, every chunk written, ``num_classes`` in its attributes."""
+    ``y``, every chunk written, ``num_classes`` in its attributes; (N,) class indices, or
+    (N, C) 0 / 1 for a multi-label set."""
+    multi = values.ndim == 2
     arr = group.create_array(
         labels_path(split, name), shape=values.shape, dtype="int64",
-        chunks=(meta.config.block_rows,), fill_value=-1, dimension_names=("row",),
+        chunks=(meta.config.block_rows, *values.shape[1:]), fill_value=-1,
+        dimension_names=("row", "class") if multi else ("row",),
         attributes={"num_classes": num_classes},
         compressors=compressors(meta.config.compressor), overwrite=True)
     arr.with_config({"write_empty_chunks": True})[:] = values

@@ -17,9 +17,9 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
-__all__ = ["auroc", "auroc_ovr", "balanced_accuracy", "bootstrap", "bootstrap_weights",
-           "expected_calibration_error", "interval", "macro_f1", "paired_bootstrap", "softmax",
-           "top_k_error"]
+__all__ = ["auroc", "auroc_ovr", "average_precision", "balanced_accuracy", "bootstrap",
+           "bootstrap_weights", "expected_calibration_error", "interval", "macro_f1",
+           "mean_average_precision", "paired_bootstrap", "softmax", "top_k_error"]
 
 Metric = Callable[..., Any]
 
@@ -280,3 +280,34 @@ def paired_bootstrap(metric: Metric, a_args: tuple, b_args: tuple, resamples: in
     p = min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())) if diff.size else float("nan")
     low, high = interval(diff, level)
     return {"difference": float(difference), "low": low, "high": high, "p": float(p)}
+
+
+def average_precision(score: Any, y: Any) -> float:
+    """Average precision of one class: scores (N,), y (N,) of 0 / 1; the precision at each
+    distinct score threshold weighted by the recall it adds (scikit-learn's
+    ``average_precision_score``: tied scores form one threshold). NaN without a positive."""
+    s = _floats(score, "score", 1)
+    t = np.asarray(y)
+    if t.shape != s.shape:
+        raise InvalidArgumentError(f"y must have shape {s.shape}, like score; got {t.shape}")
+    positives = float((t > 0).sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], (t[order] > 0).astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each tie group
+    tp = np.cumsum(t)[last]
+    precision = tp / (last + 1)
+    recall_gain = np.diff(np.r_[0.0, tp]) / positives
+    return float((precision * recall_gain).sum())
+
+
+def mean_average_precision(scores: Any, y: Any) -> float:
+    """mAP of a multi-label probe (VOC's figure): the mean over classes with a positive of
+    :func:`average_precision`; scores and y (N, C)."""
+    s = _floats(scores, "scores", 2)
+    t = np.asarray(y)
+    if t.shape != s.shape:
+        raise InvalidArgumentError(f"y must have shape {s.shape}, like scores; got {t.shape}")
+    ap = [average_precision(s[:, c], t[:, c]) for c in range(s.shape[1]) if (t[:, c] > 0).any()]
+    return float(np.mean(ap)) if ap else float("nan")

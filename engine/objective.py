@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ._features import FeatureCache
 from ._tasks import Task
@@ -134,7 +135,10 @@ class ProbeObjective:
         self.device, self.dtype = features.device, features.dtype
         self.num_classes = features.num_classes
         self.low = low
-        self.kernel = kernel_function(kernel)
+        self.multilabel = features.data.multilabel
+        # several classes per row: a sigmoid probe per class (the fused kernel is softmax)
+        self.kernel = sigmoid_xent if self.multilabel and not callable(kernel) else \
+            kernel_function(kernel)
         self.block_bytes = block_bytes
         # the K*C logit columns of a full-batch pass padded: MKL's float32 GEMMs with a thin
         # side of 10 (or 60) columns run several times slower than with 16 (or 64)
@@ -416,6 +420,15 @@ class ProbeObjective:
         parts: dict[str, list[torch.Tensor]] = {}
         for r0, xb in self.features.blocks(split, [layer], MOMENT_ROWS):
             z = torch.addmm(theta[d], xb[0].to(theta.dtype), theta[:d])  # (B, C)
+            if self.multilabel:  # scores (N, C) for the average precision of each class
+                yb = y[r0 : r0 + z.shape[0]].to(z.dtype)
+                p = torch.sigmoid(z)
+                got = {"pred": z.argmax(dim=1).int(),
+                       "loss": (F.softplus(z) - yb * z).sum(dim=1).float(),
+                       "confidence": p.max(dim=1).values.float(), "scores": p.float()}
+                for k, v in got.items():
+                    parts.setdefault(k, []).append(v.cpu())
+                continue
             yb = y[r0 : r0 + z.shape[0]].clamp(min=0).view(-1, 1)
             logp = torch.log_softmax(z, dim=1)
             top, pred = logp.max(dim=1)
@@ -488,3 +501,26 @@ def weighted_softmax_xent(logits: torch.Tensor, labels: torch.Tensor, weights: t
         g.scatter_add_(2, y, torch.full_like(picked, -1.0))
         logits.copy_(g.mul_((w * scale).view(1, b, 1)))
     return loss, top1, top5
+
+
+def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1.0,
+                 grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    """The multi-label kernel (a sigmoid probe per class, the softmax kernel's signature):
+    logits (K, B, C), labels (B, C) of 0 / 1. Loss: the binary cross-entropies summed over
+    classes, ``softplus(z) - y z``; gradient ``(sigmoid(z) - y) * scale`` (over the logits
+    when ``grad``). A "top-1 hit" is a row whose highest-scored class is one of its
+    positives (one minus the one-error); a top-5 hit, one among its five highest."""
+    k, b, c = logits.shape
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    y = labels.to(z.dtype).unsqueeze(0)  # (1, B, C)
+    loss = (F.softplus(z) - y * z).sum(dim=(1, 2), dtype=torch.float64)
+    top = z.topk(min(5, c), dim=2).indices  # (K, B, 5)
+    hits = y.expand(k, b, c).gather(2, top) > 0
+    top1 = hits[:, :, 0].sum(dim=1)
+    top5 = hits.any(dim=2).sum(dim=1)
+    if not grad:
+        return None, loss, top1, top5
+    g = torch.sigmoid(z).sub_(y).mul_(scale)
+    logits.copy_(g)
+    return logits, loss, top1, top5

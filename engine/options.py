@@ -501,10 +501,10 @@ class SolveOptions(Options):
                 "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for "
                 "fast L-BFGS products on CUDA, or solver='sgd' with dtype='bfloat16'")
         if self.tasks and self.solver != "lbfgs":
-            raise InvalidArgumentError(f"{self._task_words()} are fitted by L-BFGS, beside "
+            raise InvalidArgumentError(f"{self.task_words()} are fitted by L-BFGS, beside "
                                        f"each layer's probe: use solver='lbfgs'")
         if self.tasks and self.shard == "rows":
-            raise InvalidArgumentError(f"{self._task_words()} are not fitted over row "
+            raise InvalidArgumentError(f"{self.task_words()} are not fitted over row "
                                        f"shards yet: use shard='layers' (or 'auto')")
 
     @property
@@ -514,7 +514,7 @@ class SolveOptions(Options):
         return bool(self.controls or self.mdl or self.class_weight or self.refit
                     or self.shots)
 
-    def _task_words(self) -> str:
+    def task_words(self) -> str:
         asked = [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
                                  ("class weights", self.class_weight),
                                  ("refits on train + valid", self.refit),

@@ -281,7 +281,9 @@ class Store:
 
         Args:
             labels: ``callable(y) -> labels`` applied to each split's ``y`` (e.g.
-                ``lambda y: COARSE[y]``), or ``{split: (N,) ints}`` for every split.
+                ``lambda y: COARSE[y]``), or ``{split: (N,) ints}`` for every split; or
+                multi-label: (N, C) arrays of 0 / 1 (several classes per row, as VOC's),
+                which ``solve(label=name)`` fits with sigmoid probes.
             num_classes: recorded like ``y``'s (default: the largest label + 1).
             overwrite: replace an existing label array of that name (never ``y``).
         """
@@ -308,16 +310,27 @@ class Store:
                                          f"callable, or a mapping with every split "
                                          f"{self.splits}")
             v = np.asarray(v)
-            if v.shape != y.shape or not np.issubdtype(v.dtype, np.integer) or (
-                    v.size and v.min() < 0):
+            multi = v.ndim == 2 and v.shape[0] == y.shape[0]
+            if multi and not np.isin(v, (0, 1)).all():
+                raise DataError(f"multi-label {name!r} of split {split!r}: an (N, C) label "
+                                f"array holds 0 and 1 only")
+            if not multi and (v.shape != y.shape or not np.issubdtype(v.dtype, np.integer)
+                              or (v.size and v.min() < 0)):
                 raise DataError(f"labels {name!r} of split {split!r}: need {y.shape[0]} "
-                                f"non-negative integers, got shape {v.shape} {v.dtype}")
+                                f"non-negative integers (or an ({y.shape[0]}, C) array of "
+                                f"0 / 1), got shape {v.shape} {v.dtype}")
             values[split] = v.astype(np.int64)
+        if len({v.shape[1:] for v in values.values()}) > 1:
+            raise DataError(f"labels {name!r}: every split needs the same kind (N,) or "
+                            f"(N, C) with one C, got {[v.shape for v in values.values()]}")
         if name in self.label_names() and not overwrite:
             raise StoreExistsError(f"label {name!r} is already in {self.path}; pass "
                                    f"overwrite=True to replace it")
         top = max((int(v.max()) for v in values.values() if v.size), default=-1)
         n_classes = int(num_classes) if num_classes is not None else top + 1
+        width = next(iter(values.values())).shape[1:]
+        if width:  # multi-label: the classes are the columns
+            top, n_classes = width[0] - 1, width[0]
         if top >= n_classes:
             raise DataError(f"labels {name!r} reach {top}, beyond num_classes={n_classes}")
         group = fmt.open_root(self.path, write=True)
