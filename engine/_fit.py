@@ -9,6 +9,7 @@ from a store's path: what each Dask task of ``engine.schedule`` runs, one layer 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -171,9 +172,14 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
         chosen[layer] = select(objective, [s for s in solutions if s.task == plan.main])
         return [(chosen[layer]["l2"], task) for task in plan.extra]
 
-    def finished(layer: str, solutions: list[Solution]) -> None:
+    def finished(layer: str, solutions: list[Solution],
+                 seeds: dict[str, list[float]] | None = None) -> None:
         record = chosen.pop(layer, None) or select(
             objective, [s for s in solutions if s.task == plan.main])
+        for split, errors in (seeds or {}).items():
+            e = torch.tensor(errors, dtype=torch.float64)
+            record["metrics"][split].update(top1_error_seed_mean=float(e.mean()),
+                                            top1_error_seed_std=float(e.std()))
         if plan.extra or plan.shots:
             add_baselines(objective, plan, record, solutions)
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -194,11 +200,41 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
                        more=more if plan.extra else None)
         elif options.solver == "ridge":
             _ridge.fit(objective, layers, options.grid, finished, progress=progress)
-        else:
+        elif options.sgd.repeats == 1:
             _sgd.fit(objective, layers, options.grid, options.sgd, finished,
                      progress=progress)
+        else:
+            _sgd_repeats(objective, layers, options, finished, progress=progress)
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+def _sgd_repeats(objective: ProbeObjective, layers: Sequence[str], options: SolveOptions,
+                 finished: Callable[[str, list[Solution]], None], *, progress: bool) -> None:
+    """SGD is stochastic: fit every layer ``options.sgd.repeats`` times, seeds ``seed``,
+    ``seed + 1``, ...; the first seed's probe is the result, and each split's metrics get
+    ``top1_error_seed_mean`` / ``top1_error_seed_std`` over the seeds (the spread that the
+    row bootstrap does not see)."""
+    errors: dict[str, dict[str, list[float]]] = {}
+
+    def collect(layer: str, solutions: list[Solution]) -> None:
+        points = [Point(s.layer, s.l2, s.theta, s.task) for s in solutions]
+        values = {split: objective.evaluate(split, points, grad=False)
+                  for split in objective.splits}
+        pick = values["valid" if "valid" in values else "train"]
+        best = min(range(len(points)), key=lambda i: (pick[i].top1_error, pick[i].loss,
+                                                      -points[i].l2))  # as select chooses
+        for split, vs in values.items():
+            errors.setdefault(layer, {}).setdefault(split, []).append(vs[best].top1_error)
+
+    first: dict[str, list[Solution]] = {}
+    for r in range(options.sgd.repeats):
+        sgd = dataclasses.replace(options.sgd, seed=options.sgd.seed + r)
+        _sgd.fit(objective, layers, options.grid, sgd,
+                 (lambda layer, sols: (first.__setitem__(layer, sols), collect(layer, sols)))
+                 if r == 0 else collect, progress=progress)
+    for layer in layers:
+        finished(layer, first[layer], seeds=errors[layer])
 
 
 def select(objective: ProbeObjective, solutions: list[Solution]) -> dict:

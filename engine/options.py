@@ -415,6 +415,9 @@ class SGDOptions(Options):
     batch_size: int = option(256, "SGD: rows per minibatch", check=positive)
     seed: int = option(0, "seed of SGD's shuffled row order, of the control tasks and of "
                        "the MDL row order", check=integer)
+    repeats: int = option(1, "SGD: fit every probe this many times, seeds seed, seed + 1, "
+                          "...; the table gets each split's error mean and deviation over "
+                          "the seeds", check=positive)
     early_stopping: bool = option(True, "SGD: stop each probe by its validation error (needs "
                                   "a 'valid' split) and keep its best weights", check=flag,
                                   cli={"help": "SGD: run every epoch, no early stopping"})
@@ -535,6 +538,8 @@ class SolveOptions(Options):
                        preconditioner=f"low-rank curvature, rank {RANK}")
         elif self.solver == "sgd":
             out.update(dataclasses.asdict(self.sgd))
+            if self.sgd.repeats == 1:  # recorded when asked for: older runs resume as they were
+                del out["repeats"]
         if self.controls:
             out.update(controls=list(self.controls))
         if self.mdl:

@@ -50,6 +50,7 @@ def solve(
     lr: float = 1e-2,
     batch_size: int = 256,
     seed: int = 0,
+    repeats: int = 1,
     device: str = "auto",
     dtype: str = "float32",
     run: str = "default",
@@ -90,6 +91,9 @@ def solve(
             with ``early_stopping`` (needs a ``"valid"`` split) a probe stops after
             ``patience`` epochs without a lower validation top-1 error and keeps its best
             weights. L-BFGS ignores these: it solves the penalised problem exactly.
+        repeats: SGD only: fit every layer this many times with seeds ``seed``,
+            ``seed + 1``, ...; the first is the result, and every split gets
+            ``top1_error_seed_mean`` and ``top1_error_seed_std`` over the seeds.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         dtype: arithmetic, ``"float32"``, ``"tf32"`` (float32 with TF32 tensor-core GEMMs
             on CUDA, float32 elsewhere), ``"float64"``, or for SGD ``"bfloat16"`` (the
@@ -144,7 +148,7 @@ def solve(
     options = SolveOptions.from_kwargs(
         label=label, solver=solver, l2=l2, max_iter=max_iter, tol=tol,
         early_stopping=early_stopping, epochs=epochs, patience=patience, lr=lr,
-        batch_size=batch_size, seed=seed, device=device, dtype=dtype, run=run,
+        batch_size=batch_size, seed=seed, repeats=repeats, device=device, dtype=dtype, run=run,
         allow_partial=allow_partial, max_memory=max_memory, shard=shard, controls=controls,
         mdl=mdl, mdl_blocks=mdl_blocks, class_weight=class_weight, refit=refit,
         shots=shots, draws=draws)

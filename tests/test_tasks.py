@@ -258,3 +258,19 @@ def test_few_shot_draws_are_scikit_learn_on_k_rows_per_class():
     # more rows per class, a better probe; all rows, better still
     assert t.loc["test", "top1_error"] < t.loc["test", "shots_8_top1_error"] < t.loc[
         "test", "shots_2_top1_error"]
+
+
+def test_sgd_repeats_report_the_spread_over_seeds():
+    feats, labels = _splits(seed=11)
+    kw = dict(solver="sgd", l2=[1e-4, 1e-2], epochs=3, patience=2, batch_size=32, lr=0.05,
+              layers=["a"])
+    res = solve(feats, labels=labels, repeats=3, seed=4, **kw)
+    alone = [solve(feats, labels=labels, seed=s, **kw).table.set_index("split")
+             for s in (4, 5, 6)]
+    t = res.table.set_index("split")
+    for split in ("train", "valid", "test"):
+        errors = [a.loc[split, "top1_error"] for a in alone]
+        assert t.loc[split, "top1_error"] == alone[0].loc[split, "top1_error"]
+        assert t.loc[split, "top1_error_seed_mean"] == pytest.approx(np.mean(errors))
+        assert t.loc[split, "top1_error_seed_std"] == pytest.approx(np.std(errors, ddof=1))
+    assert len({a.loc["test", "top1_error"] for a in alone}) > 1  # the seeds do differ
