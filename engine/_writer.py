@@ -185,10 +185,13 @@ class CaptureJob:
     select: dict[str, int | str] = field(default_factory=dict)  # module -> selector
     #: rows="tokens": split -> (items + 1,) first token row of each item, then the total
     offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    #: rows="tokens" with inputs["input_ids"]: each row's token id stored as the label set
+    #: "token" (the token types of a control task, engine._tasks)
+    token_ids: bool = False
 
     @property
     def label_names(self) -> list[str]:
-        return ["y", *sorted(self.extras)]
+        return ["y", *sorted(self.extras), *(["token"] if self.token_ids else [])]
 
     def rows(self, split: SplitSource) -> int:
         """The store rows of ``split``: its items, or (rows="tokens") its stored tokens."""
@@ -397,7 +400,7 @@ def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: t
 
     def flush() -> None:
         nonlocal bufs, b0, at
-        writer.put(_block(split, bufs, b0, b0 + at, keys, ["y"]))
+        writer.put(_block(split, bufs, b0, b0 + at, keys, job.label_names))
         bufs, b0, at = (_take(free, writer), b0 + at, 0) if b0 + at < stop else (None, 0, 0)
 
     for inputs, y in split.batches(item, size, pin_memory=capture.cuda, tokens=True):
@@ -419,6 +422,8 @@ def _write_tokens(capture: Capture, job: CaptureJob, split: SplitSource, rows: t
             first = (inputs["attention_mask"] != 0).to(torch.uint8).argmax(dim=1)
             cols = {**feats, "label:y": y[keep], "index": torch.from_numpy(
                 split.index[item : item + len(y)])[b], "position": t - first[b]}
+            if job.token_ids:
+                cols["label:token"] = inputs["input_ids"][keep]
             lo, hi = max(0, start - row), min(n, stop - row)
             while lo < hi:
                 take = min(hi - lo, block_rows - at)

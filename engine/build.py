@@ -174,7 +174,8 @@ def build_store(
                                         options.reduce, found,
                                         max_features=options.max_features, seed=options.seed)
         job = CaptureJob(options, batch, splits, [site for site, _ in found], reductions, extras,
-                         chosen, offsets)
+                         chosen, offsets, token_ids=tokens and isinstance(
+                             probe.inputs, Mapping) and "input_ids" in probe.inputs)
         # the first rows once through every reduction (an attention mask that does not fit
         # a layer's tokens, a spec that does not fit its values) before anything is written
         dry = Capture(runner, job.sites, reductions, sides=options.sites, select=chosen)

@@ -8,6 +8,7 @@ import torch
 from test_text import TEXTS, TinyEncoder, alone, chars
 
 import engine
+from engine import _tasks
 from engine.errors import DataError, InvalidArgumentError, NonFiniteError
 from engine.text import TextDataset
 
@@ -130,3 +131,21 @@ def test_a_nan_token_is_named_by_its_row_and_nothing_is_committed(tmp_path):
                                              r"Rows before 0 are committed"):
         _build(model, tmp_path / "s.zarr", layers=["embed"])
     assert engine.open_store(tmp_path / "s.zarr").committed("train") == 0
+
+
+def test_token_ids_make_the_control_task_of_token_types(model, tmp_path):
+    store = _build(model, tmp_path / "s.zarr", valid_size=0.3)
+    item, pos = store.index("train"), store.positions("train")
+    ids = store.labels("train", "token")
+    want = {(i, p): chars(TEXTS[i])[p] for i in range(len(TEXTS))
+            for p in range(len(TEXTS[i]))}
+    assert [want[(int(i), int(p))] for i, p in zip(item, pos, strict=True)] == ids.tolist()
+    res = engine.solve(store, l2=[1e-3, 1e-1], controls=["control"], device="cpu",
+                       progress=False)
+    assert res.table.selectivity.notna().all()
+    y = {s: torch.from_numpy(store.labels(s)) for s in store.splits}
+    types = {s: store.labels(s, "token") for s in store.splits}
+    task = _tasks.control_task(y, 2, seed=0, types=types)  # one class per token type
+    for s in store.splits:
+        for t in np.unique(types[s]):
+            assert len(set(task.labels[s][types[s] == t].tolist())) == 1
