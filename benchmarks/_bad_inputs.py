@@ -615,6 +615,46 @@ def _solve_bad_solver(tmp):
     _solve_mapping(solver="adam")
 
 
+def _splits_mapping(*names: str) -> tuple[dict, dict]:
+    feats, labels = {}, {}
+    for i, name in enumerate(names):
+        f, y = _mapping()
+        feats[name], labels[name] = {"h": f["h"] + i}, y
+    return feats, labels
+
+
+def _solve_controls_sgd(tmp):
+    _solve_mapping(solver="sgd", controls=["shuffled"], early_stopping=False)
+
+
+def _solve_refit_no_test(tmp):
+    _solve_mapping(*_splits_mapping("train", "valid"), l2=[1e-3, 1e-2], refit=True)
+
+
+def _solve_refit_same_rows(tmp):
+    feats, labels = _splits_mapping("train", "valid")
+    _solve_mapping({**feats, "test": feats["valid"]}, {**labels, "test": labels["valid"]},
+                   l2=[1e-3, 1e-2], refit=True)
+
+
+def _solve_mdl_schedule(tmp):
+    _solve_mapping(mdl=True, mdl_blocks=[10, 50])
+
+
+def _multilabel() -> np.ndarray:
+    return (np.arange(30)[:, None] % np.array([2, 3, 5]) == 0).astype(np.int64)
+
+
+def _solve_multilabel_values(tmp):
+    y = _multilabel()
+    y[4, 1] = 2
+    _solve_mapping(labels=y)
+
+
+def _solve_multilabel_controls(tmp):
+    _solve_mapping(labels=_multilabel(), controls=["control"])
+
+
 def _solve_bfloat16_lbfgs(tmp):
     _solve_mapping(dtype="bfloat16")
 
@@ -914,6 +954,18 @@ CASES: list[Case] = [
          ("l2", ">= 0", "-0.001")),
     Case("solve: unknown solver", "api", _solve_bad_solver, InvalidArgumentError,
          ("'adam'", "'lbfgs', 'sgd' or 'ridge'")),
+    Case("solve: controls with SGD", "api", _solve_controls_sgd, InvalidArgumentError,
+         ("controls are fitted by L-BFGS", "solver='lbfgs'")),
+    Case("solve: refit without a test split", "api", _solve_refit_no_test, SplitNotFoundError,
+         ("refit=True", "no 'test' split")),
+    Case("solve: refit scoring valid's rows", "api", _solve_refit_same_rows, DataError,
+         ("the rows that chose lambda", "same rows", "a test split of its own")),
+    Case("solve: MDL schedule not ending at 100", "api", _solve_mdl_schedule,
+         InvalidArgumentError, ("mdl_blocks", "ending at 100")),
+    Case("solve: multi-label targets not 0 / 1", "api", _solve_multilabel_values, DataError,
+         ("split 'train', row 4, class 1", "0 or 1")),
+    Case("solve: controls on multi-label targets", "api", _solve_multilabel_controls,
+         InvalidArgumentError, ("controls", "multi-label")),
     Case("solve: bfloat16 with L-BFGS", "api", _solve_bfloat16_lbfgs, InvalidArgumentError,
          ("dtype='bfloat16' is for solver='sgd'", "dtype='tf32'")),
     Case("solve: max_memory below one block", "api", _solve_budget_too_small,

@@ -56,10 +56,11 @@ def check_splits(data: ProbeData, options: SolveOptions) -> None:
                 f"scores the result on 'test'; there is no {' or '.join(map(repr, missing))} "
                 f"split (splits: {list(data.splits)})")
         if data.sources and data.sources.get("valid") == data.sources.get("test"):
+            rows, digest = data.sources["test"]
             raise DataError(
-                f"refit=True would score on 'test' rows that chose lambda: the valid and test "
-                f"splits hold the same rows ({data.sources['test']}); give a test split of "
-                f"its own")
+                f"refit=True must not score as 'test' the rows that chose lambda: the valid "
+                f"and test splits hold the same rows ({rows} rows, sample digest "
+                f"{digest[:12]}); give a test split of its own")
     if options.solver == "sgd" and options.sgd.early_stopping and "valid" not in data.splits:
         raise SplitNotFoundError(
             f"early stopping needs a 'valid' split, and there is none (splits: "
