@@ -5,7 +5,8 @@ written as CSV, JSON, PNG and one self-contained HTML page.
 ``{"init": r0, "trained": r1}``, or one per training checkpoint) and writes::
 
     out/index.html      the tables and figures, images inlined: opens offline, mails whole
-    out/results.csv     one row per (state, layer, split)
+    out/results.csv     one row per (state, layer, split); with ``baseline=``, the
+                        baseline's error (``baseline_top1_error``) and the ``gain`` over it
     out/results.json    the same plus the monotonicity summary and each run's config
     out/errors.png      the paper's Fig. 3: error per site in network order, a panel per state
     out/heatmap.png     test error, site x state (with three states or more: a sweep)
@@ -69,13 +70,27 @@ def monotonicity(errors: pd.Series) -> dict:
             "spearman": rho, "monotone": not rises}
 
 
-def _long_table(states: dict[str, ProbeResults]) -> pd.DataFrame:
-    frames = []
-    for state, res in states.items():
-        t = res.table.copy()
-        t.insert(0, "state", state)
-        frames.append(t)
-    return pd.concat(frames, ignore_index=True)
+def _against(res: ProbeResults, baseline: ProbeResults) -> pd.DataFrame:
+    """``res.table`` with the baseline's top-1 error of the same (layer, split) and the
+    ``gain`` over it (baseline error minus this one's; NaN where the baseline lacks it)."""
+    other = baseline.table.set_index(["layer", "split"]).top1_error
+    t = res.table.copy()
+    t["baseline_top1_error"] = other.reindex(pd.MultiIndex.from_frame(
+        t[["layer", "split"]])).to_numpy()
+    t["gain"] = t.baseline_top1_error - t.top1_error
+    return t
+
+
+def _tables(states: dict[str, ProbeResults], against: dict[str, ProbeResults]
+            ) -> dict[str, pd.DataFrame]:
+    """Each state's table as the CSV and JSON hold it: with its baseline's columns."""
+    return {state: _against(res, against[state]) if state in against else res.table
+            for state, res in states.items()}
+
+
+def _long_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat([t.assign(state=state)[["state", *t.columns]]
+                      for state, t in tables.items()], ignore_index=True)
 
 
 #: beyond this many sites, figures keep their size and label every k-th site only
@@ -90,20 +105,36 @@ def site_ticks(layers: list[str]) -> tuple[list[int], list[str]]:
     return idx, [layers[i] for i in idx]
 
 
+def _highest(t: pd.DataFrame) -> float:
+    """The highest value Fig. 3 draws of a table: errors, the upper ends of their bands and
+    the control task's error on the judged split (at chance, above the probe's)."""
+    values = [t.top1_error]
+    if "top1_error_high" in t:
+        values.append(t.top1_error_high)
+    if "control_top1_error" in t:
+        values.append(t.control_top1_error[t.split == _split_for(t)])
+    top = pd.concat(values).max()
+    return float(top) if pd.notna(top) else 1.0
+
+
 def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
     from matplotlib.figure import Figure
 
     n = len(states)
     layers = max((list(r.table.layer.drop_duplicates()) for r in states.values()), key=len)
-    worst = max(float(r.table.top1_error.max()) for r in states.values())
+    worst = max(_highest(r.table) for r in states.values())
     top = min(1.0, 0.05 * math.ceil((worst * 1.1 + 0.02) / 0.05))  # one y-axis for all
     width = max(6.0, 0.45 * min(len(layers), LABELLED_SITES) + 2.0)
     ms = 4 if len(layers) <= LABELLED_SITES else 0
     fig = Figure(figsize=(width, 3.2 * n + 0.6), layout="constrained")
     axes = fig.subplots(n, 1, sharey=True, squeeze=False)[:, 0]
     styles = {"train": ("#4c72b0", ":"), "valid": ("#55a868", "--"), "test": ("#c44e52", "-")}
+    legend: dict[str, object] = {}  # one legend for all panels, each entry once
     for ax, (state, res) in zip(axes, states.items(), strict=True):
         t = res.table
+        # the control task's error on the judged split only: at chance on valid and test
+        # alike, two lines would lie on each other (its train error is memorisation)
+        control = _split_for(t) if "control_top1_error" in t else None
         for split in SPLITS:
             part = t[t.split == split]
             if part.empty:
@@ -115,7 +146,7 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
             if "top1_error_low" in part and part.top1_error_low.notna().any():
                 ax.fill_between(x, part.top1_error_low, part.top1_error_high, color=color,
                                 alpha=0.18, lw=0, label=f"{split} 95% interval")
-            if "control_top1_error" in part and split != "train":
+            if split == control and part.control_top1_error.notna().any():
                 ax.plot(x, part.control_top1_error, ls, color=color, lw=0.8, alpha=0.6,
                         label=f"{split} control task")
         ax.set_title(state, loc="left", fontsize=11, fontweight="bold")
@@ -123,11 +154,14 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
         ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(*site_ticks(layers), rotation=35, ha="right", fontsize=9)
-        # above the axes, beside the title: never over the data
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=4, fontsize=8,
-                  frameon=False, borderaxespad=0.2)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
     axes[-1].set_xlabel("probe site, in network order")
     fig.suptitle("Linear probe error per site", fontsize=12)
+    # under the panels: never over the data, a panel's name or the title
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center",
+               ncol=min(len(legend), 3 if len(legend) > 4 else 4), fontsize=8,
+               frameon=False)
     fig.savefig(path, dpi=110)
 
 
@@ -222,9 +256,10 @@ def _layer_table(res: ProbeResults, split: str, baseline: ProbeResults | None
             shown[f"{name}" if col in ("codelength", "compression") else
                   f"{split} {name}"] = judged[col]
     if baseline is not None:
-        other = baseline.table[baseline.table.split == split].set_index("layer").top1_error
-        shown[f"{split} baseline error"] = other
-        shown["gain"] = other - judged.top1_error
+        other = _against(res, baseline)
+        other = other[other.split == split].set_index("layer")
+        shown[f"{split} baseline error"] = other.baseline_top1_error
+        shown["gain"] = other.gain
     return shown.reset_index()
 
 
@@ -245,6 +280,10 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
             minus this one's), what training added beyond the architecture.
     """
     states = _states(results)
+    if baseline is not None and not isinstance(baseline, (str, ProbeResults)):
+        raise InvalidArgumentError(f"baseline= takes the name of one of the states "
+                                   f"{list(states)} or a ProbeResults, not "
+                                   f"{type(baseline).__name__}")
     if isinstance(baseline, str):
         if baseline not in states:
             raise InvalidArgumentError(f"baseline {baseline!r} is not one of the states "
@@ -263,22 +302,31 @@ def report(results, out: str | Path = "report", *, title: str | None = None,
         raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}; choose a "
                       f"writable folder with out=") from exc
     title = title or "probe-engine report"
-    table = _long_table(states)
-    table.to_csv(out / "results.csv", index=False)
+    tables = _tables(states, against)
+    _long_table(tables).to_csv(out / "results.csv", index=False)
     summary = {}
     for state, res in states.items():
         split = _split_for(res.table)
         summary[state] = {"split": split, **monotonicity(res.error(split))}
         if split in res.resampled:  # which rises the paired bootstrap can tell from noise
-            sig = res.significance(split).set_index("next")
+            sig = res.significance(split)
+            # the step into each site from the one before it in the table, as the bump's
+            sig = sig.set_index(["layer", "next"])
+            errors = res.error(split)
+            before = dict(zip(errors.index[1:], errors.index[:-1], strict=True))
             for bump in summary[state]["bumps"]:
-                row = sig.loc[bump["site"]]
+                step = (before[bump["site"]], bump["site"])
+                if step not in sig.index:  # a layer without outputs (a partial run)
+                    continue
+                row = sig.loc[step]
                 bump.update(low=float(row.low), high=float(row.high), p=float(row.p),
                             significant=bool(row.low > 0))
     payload = {"title": title, "notes": notes or [], "monotonicity": summary,
+               "baseline": (baseline if isinstance(baseline, str) or baseline is None else
+                            {"run": baseline.run, "path": baseline.path}),
                "states": {state: {"config": res.config, "run": res.run, "path": res.path,
                                   "backends": res.backends,
-                                  "table": res.table.to_dict(orient="records")}
+                                  "table": tables[state].to_dict(orient="records")}
                           for state, res in states.items()}}
     (out / "results.json").write_text(json.dumps(json_safe(payload), indent=2))
     figures = [out / "errors.png"]
