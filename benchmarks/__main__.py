@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import capture, imagenet_scale, kernel, precision, scaling, solve, text_capture
+from . import baselines, capture, imagenet_scale, kernel, precision, scaling, solve, text_capture
 
-BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling, "imagenet": imagenet_scale}
+BENCHMARKS = {"capture": capture, "solve": solve, "scaling": scaling, "imagenet": imagenet_scale,
+              "baselines": baselines}
 GPU_ONLY = {"kernel": kernel}  # its own --quick sizes; no --device
 CPU_ONLY = {"precision": precision, "text": text_capture}
 

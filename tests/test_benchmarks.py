@@ -89,3 +89,29 @@ def test_text_capture_compares_every_way_at_the_same_features(tmp_path):
     assert ours["run_with_cache_held_bytes"] > 10 * ours["ours_block_bytes"]
     assert set(by_case) == {f"text {n} / plain forward" for n in
                             ("ours", "hidden_states_loop", "run_with_cache", "ours_first_3")}
+
+
+def test_baselines_ride_one_solve_and_equal_one_fit_at_a_time(tmp_path):
+    from benchmarks import baselines
+
+    rows = baselines.main(["--quick", "--rows", "300", "--mdl-blocks", "12.5", "25", "50",
+                           "100", "--sklearn-max-dim", "100", "--json",
+                           str(tmp_path / "b.json")])
+    by_case = {r["case"]: r for r in rows}
+    plain = by_case["baselines plain solve (grid, outputs, bootstrap)"]
+    ours = by_case["baselines ours: + controls + MDL, one solve / plain"]
+    assert plain["train_rows"] == 250 and plain["mdl_boundaries"] == [32, 63, 125, 250]
+    assert ours["target"] == 3.0 and ours["ratio"] == round(ours["seconds"] / plain["seconds"], 2)
+    for layer in ours["per_layer"].values():  # controls near chance, a shorter online code
+        assert layer["control_test_top1_error"] > 0.6 and layer["compression"] > 1
+    # one solve per fit finds what the batched baselines found: the same control errors and,
+    # at a tight tolerance, the same codelengths
+    separate = by_case["baselines one fit at a time / plain"]
+    assert separate["solves"] == 4 * (1 + 2 + 3) and separate["same_l2_alone"]
+    assert separate["control_test_error_max_abs_diff"] < 1e-9
+    assert separate["codelength_max_rel_diff"] < 0.05  # the solves' own tol: 1e-4
+    assert ours["codelength_check"]["max_rel_diff"] < 1e-3
+    sk = by_case["baselines scikit-learn loop (controls + MDL) / plain"]
+    assert sk["fits"] == 3 * (2 + 3) and sk["left_out"] == ["input"]  # 784 features
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == json.loads(
+        json.dumps(rows, default=float))
