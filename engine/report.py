@@ -105,7 +105,7 @@ def site_ticks(layers: list[str]) -> tuple[list[int], list[str]]:
     return idx, [layers[i] for i in idx]
 
 
-def _highest(t: pd.DataFrame) -> float:
+def highest_error(t: pd.DataFrame) -> float:
     """The highest value Fig. 3 draws of a table: errors, the upper ends of their bands and
     the control task's error on the judged split (at chance, above the probe's)."""
     values = [t.top1_error]
@@ -122,7 +122,7 @@ def _errors_figure(states: dict[str, ProbeResults], path: Path) -> None:
 
     n = len(states)
     layers = max((list(r.table.layer.drop_duplicates()) for r in states.values()), key=len)
-    worst = max(_highest(r.table) for r in states.values())
+    worst = max(highest_error(r.table) for r in states.values())
     top = min(1.0, 0.05 * math.ceil((worst * 1.1 + 0.02) / 0.05))  # one y-axis for all
     width = max(6.0, 0.45 * min(len(layers), LABELLED_SITES) + 2.0)
     ms = 4 if len(layers) <= LABELLED_SITES else 0

@@ -268,9 +268,9 @@ def test_the_figure_draws_the_bands_and_the_control_task(tmp_path):
     assert fmt == "PNG" and w >= 600 and h >= 500
     # the y-axis reaches the control task's error (chance, above the probes'), so the
     # control's line is on the figure: the same axis as the bands' highest end
-    from engine.report import _highest
+    from engine.report import highest_error
 
     t = res.table
-    assert _highest(t) == pytest.approx(max(t.control_top1_error[t.split == "test"].max(),
+    assert highest_error(t) == pytest.approx(max(t.control_top1_error[t.split == "test"].max(),
                                             t.top1_error_high.max(), t.top1_error.max()))
-    assert _highest(t) > t.top1_error.max() + 0.2
+    assert highest_error(t) > t.top1_error.max() + 0.2
