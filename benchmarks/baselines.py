@@ -123,17 +123,22 @@ def mdl_rows(y_train: torch.Tensor, boundaries) -> list[tuple[np.ndarray, np.nda
              s.labels["train"].numpy() != _tasks.IGNORE) for f, s in zip(fit, score, strict=True)]
 
 
-def separate(store: engine.Store, table, classes: int, blocks, device: str) -> dict:
-    """Case 3: every fit of case 2 as a separate ``engine.solve`` (the layer's grid; each
-    control; each MDL block), timed in total; with each layer's codelength and control
-    errors for the cross-check."""
-    chosen = table.groupby("layer", sort=False).l2.first()
+def _peer_inputs(store: engine.Store, table, classes: int, blocks) -> tuple:
+    """What the peers fit, as case 2 did: each layer's chosen lambda, the labels, the
+    control tasks, the MDL boundaries and blocks' (fit, next) row masks, the train labels."""
     y = labels_of(store)
     controls = {t.name: t for t in (_tasks.control_task(y, classes, SEED),
                                     _tasks.shuffled_task(y, SEED))}
     boundaries = _tasks.mdl_boundaries(len(y["train"]), blocks)
-    masks = mdl_rows(y["train"], boundaries)
-    ytr = y["train"].numpy()
+    return (table.groupby("layer", sort=False).l2.first(), y, controls, boundaries,
+            mdl_rows(y["train"], boundaries), y["train"].numpy())
+
+
+def separate(store: engine.Store, table, classes: int, blocks, device: str) -> dict:
+    """Case 3: every fit of case 2 as a separate ``engine.solve`` (the layer's grid; each
+    control; each MDL block), timed in total; with each layer's codelength and control
+    errors for the cross-check."""
+    chosen, y, controls, boundaries, masks, ytr = _peer_inputs(store, table, classes, blocks)
     out: dict = {"codelength": {}, "control_test_error": {}, "same_l2": {}, "solves": 0}
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -229,13 +234,7 @@ def sklearn_loop(store: engine.Store, table, classes: int, blocks, max_dim: int 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    chosen = table.groupby("layer", sort=False).l2.first()
-    y = labels_of(store)
-    controls = {t.name: t for t in (_tasks.control_task(y, classes, SEED),
-                                    _tasks.shuffled_task(y, SEED))}
-    boundaries = _tasks.mdl_boundaries(len(y["train"]), blocks)
-    masks = mdl_rows(y["train"], boundaries)
-    ytr = y["train"].numpy()
+    chosen, y, controls, boundaries, masks, ytr = _peer_inputs(store, table, classes, blocks)
     layers = [layer for layer in store.layers
               if max_dim is None or store.layer_info(layer)["dim"] <= max_dim]
     out: dict = {"layers": layers, "codelength": {}, "control_test_error": {}, "seconds": 0.0,

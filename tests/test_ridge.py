@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import RidgeClassifier
-from threadpoolctl import threadpool_limits
+from test_solve import _one_thread  # noqa: F401  (fixture: one thread for tiny problems)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -29,14 +29,6 @@ from engine.options import SolveOptions, from_args
 GRID = [1e-4, 1e-2, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread each for torch and BLAS on a busy two-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def blobs(n: int, d: int, c: int, *, seed: int, noise: float = 1.0, shift: float = 0.0,
