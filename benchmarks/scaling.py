@@ -47,7 +47,9 @@ def deep_mlp(depth: int = 16, width: int = 256) -> nn.Sequential:
 def wide_layer_store(path: Path, rows: int, d: int = 1024, classes: int = 100
                      ) -> engine.Store:
     """One layer of ``d`` class-structured float32 features (class means plus noise),
-    train ``rows`` and valid ``rows // 5``, in a store built by the engine."""
+    train ``rows`` and valid ``rows // 5``, in a store built by the engine. Blocks of 4 MiB
+    (1,024 rows at D = 1,024): row shards are whole blocks, so small blocks keep two
+    workers' shards even (the default 64 MiB would make 6,000 rows one block, one shard)."""
     gen = torch.Generator().manual_seed(0)
     means = torch.randn(classes, d, generator=gen) * 0.3
 
@@ -57,7 +59,8 @@ def wide_layer_store(path: Path, rows: int, d: int = 1024, classes: int = 100
 
     return engine.build_store(nn.Sequential(nn.Identity()),
                               {"train": split(rows), "valid": split(rows // 5)}, path,
-                              layers=["0"], reduce="none", dtype="float32", progress=False)
+                              layers=["0"], reduce="none", dtype="float32", block_bytes=4 << 20,
+                              progress=False)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -95,7 +98,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 t0 = time.perf_counter()
                 res = engine.solve(wide, run=f"rows{n}", client=client, shard="rows", **ROWS)
                 times["rows"][n] = time.perf_counter() - t0
-                assert res.backends["0"]["features"] == f"rows over {n} shards"
+                sharded = res.backends["0"]["features"]
+                assert sharded == f"rows over {n} shards", (
+                    f"the wide layer ran as {sharded!r}, not over {n} row shards: give it "
+                    f"at least {n} blocks of rows")
             print(f"{n} worker(s): build {times['build'][n]:.1f} s, solve "
                   f"{times['solve'][n]:.1f} s, row-parallel {times['rows'][n]:.1f} s",
                   flush=True)
