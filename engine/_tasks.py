@@ -16,9 +16,11 @@ passes; only the labels and the row weights differ:
   scikit-learn's rule; valid / test are scored unweighted.
 
 Rows a task leaves out carry the label :data:`IGNORE` (-1), which the softmax-cross-entropy
-kernel skips (no loss, no hit, zero gradient): a subset of rows costs nothing extra and
-runs on the fused CUDA kernel. Only real-valued weights take a torch path
-(:meth:`engine.objective.ProbeObjective`).
+kernel skips (no loss, no hit, zero gradient), on the fused CUDA kernel too. A task that
+counts at most :data:`engine.objective.SPARSE_SHARE` of a split's rows (the MDL blocks, a
+few-shot draw) is evaluated on its own rows only, gathered from each block, so it costs its
+rows, not the split's; the others share the columns of the split's GEMMs. Only real-valued
+weights take a torch path (:meth:`engine.objective.ProbeObjective`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ and on CUDA the layers of a width stack, add columns to the same products, not p
 logits ``X W + b`` are one GEMM, the softmax-cross-entropy kernel (``kernel=``: the fused CUDA
 kernel where it runs, else its torch reference, or any function of their signature) turns
 them into loss sums, hit counts and dZ in place, and ``X^T dZ`` is the second GEMM. The
+probes of a task that counts few of the rows (an MDL block, a few-shot draw) take only those
+rows of each block, gathered (:data:`SPARSE_SHARE`), in GEMMs of their own. The
 penalty is added by :meth:`ProbeObjective.penalty` (value) and
 :meth:`ProbeObjective.penalty_gradient` (gradient) only.
 
@@ -31,17 +33,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._features import FeatureCache
-from ._tasks import Task
+from ._tasks import IGNORE, Task
 from .errors import InvalidArgumentError
 from .kernels import softmax_xent
 from .kernels.reference import softmax_xent as reference_softmax_xent
 
-__all__ = ["BLOCK_BYTES", "Kernel", "Partial", "Point", "ProbeObjective", "Solution", "Value",
-           "kernel_function"]
+__all__ = ["BLOCK_BYTES", "SPARSE_SHARE", "Kernel", "Partial", "Point", "ProbeObjective",
+           "Solution", "Value", "kernel_function"]
 
 #: bytes of the logits of one block of rows, all probes of a run: the rows per block of a
 #: full-batch pass
@@ -49,6 +52,12 @@ BLOCK_BYTES = 64 << 20
 
 #: rows per block of the preconditioner's products
 MOMENT_ROWS = 8192
+
+#: a task counting at most this share of a split's rows (an MDL block, a few-shot draw) is
+#: evaluated on its own rows, gathered from each block, not over every row with the others
+#: left out: its products then cost its rows, not the split's. Above it the gather (and a
+#: GEMM of its own, thinner than the shared one) costs more than it saves.
+SPARSE_SHARE = 0.5
 
 #: a softmax-cross-entropy kernel: the signature of engine.kernels.reference.softmax_xent
 Kernel = Callable[..., tuple]
@@ -105,6 +114,31 @@ class Solution:
     task: str = ""
 
 
+class _Rows(NamedTuple):
+    """The counted rows of a sparse task on one split: ``at`` (M,) int64 their sorted
+    indices on the host (a block's share by binary search), ``index`` the same on the
+    device, and the task's ``labels`` and ``weights`` (None: unweighted) at them."""
+
+    at: np.ndarray
+    index: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor | None
+
+
+class _Pack(NamedTuple):
+    """One sparse task's probes of layer ``layer`` (position in the run) in a pass: their
+    ``segment`` (task, first probe, probes), rows, GEMM operands W^T (cols, D) and b (cols,)
+    padded like the shared ones, and their gradient sums X^T dZ (D, cols), sum dZ (cols,)."""
+
+    layer: int
+    segment: tuple[str, int, int]
+    rows: _Rows
+    wt: torch.Tensor
+    b: torch.Tensor
+    gw: torch.Tensor | None
+    gb: torch.Tensor | None
+
+
 def kernel_function(kernel: str | Kernel) -> Kernel:
     """``"auto"``: :func:`engine.kernels.softmax_xent` (the fused CUDA kernel where it runs,
     else the reference); ``"torch"``: always the reference; or a function of their signature
@@ -143,9 +177,10 @@ class ProbeObjective:
         # the K*C logit columns of a full-batch pass padded: MKL's float32 GEMMs with a thin
         # side of 10 (or 60) columns run several times slower than with 16 (or 64)
         # (docs/solve.md, benchmarks/RESULTS.md); tensor cores want multiples of 8. The
-        # padding columns have zero weights and get a zero gradient.
+        # padding columns have zero weights; their gradient sums are never read.
         self.pad = 16 if self.device.type == "cpu" else 8
         self._strengths: dict[tuple, torch.Tensor] = {}
+        self._sparse: dict[tuple[str, str], _Rows | None] = {}
         self.tasks: dict[str, Task] = {}
         self.add_tasks(tasks)
 
@@ -296,8 +331,10 @@ class ProbeObjective:
         by_layer: dict[str, list[int]] = {}
         for i, point in enumerate(points):
             by_layer.setdefault(point.layer, []).append(i)
-        for at in by_layer.values():  # a task's probes side by side: one kernel call each
-            at.sort(key=lambda i: points[i].task)
+        for at in by_layer.values():  # a task's probes side by side: one kernel call each,
+            # the tasks over every row first: theirs are the columns of the shared products
+            at.sort(key=lambda i: (self.sparse_rows(points[i].task, split) is not None,
+                                   points[i].task))
         for run in self.features.runs(split, by_layer):
             self._run_partials(split, run, by_layer, points, out, grad, n, pooled)
         return out
@@ -313,24 +350,46 @@ class ProbeObjective:
                 out.append((task, m, 1))
         return out
 
-    def _task_xent(self, z: torch.Tensor, segment: tuple[str, int, int], split: str,
-                   r0: int, n: int, grad: bool, pooled: bool) -> tuple[torch.Tensor, ...]:
-        """The kernel on the logits of one segment of a layer's probes (z: the layer's
-        (B, width) logits of rows [r0, r0 + B)): loss sums, top-1 and top-5 hits."""
-        task, first, m = segment
+    def sparse_rows(self, task: str, split: str) -> _Rows | None:
+        """The counted rows of ``task`` on ``split`` (:class:`_Rows`) when they are at most
+        :data:`SPARSE_SHARE` of the split's; None when the task is evaluated over every row
+        (the default task, and any task counting more)."""
+        if not task or self.multilabel:
+            return None
+        key = (task, split)
+        if key not in self._sparse:
+            y = self.task_labels(task, split)
+            index = (y != IGNORE).nonzero()[:, 0]
+            rows = None
+            if len(index) <= SPARSE_SHARE * len(y):
+                w = self.tasks[task].weights.get(split)
+                rows = _Rows(index.cpu().numpy(), index, y[index],
+                             None if w is None else w[index])
+            self._sparse[key] = rows
+        return self._sparse[key]
+
+    def _xent(self, z: torch.Tensor, m: int, y: torch.Tensor, weights: torch.Tensor | None,
+              scale: float, grad: bool) -> tuple[torch.Tensor, ...]:
+        """The kernel on the first ``m`` probes' logits of z (B, >= m*C), rows labelled y
+        (B,) with row weights (B,) or None: loss sums, top-1 and top-5 hits, each (m,);
+        with ``grad``, dZ over those logits."""
         c, rows = self.num_classes, z.shape[0]
-        logits = z[:, first * c : (first + m) * c].view(rows, m, c).transpose(0, 1)
-        y = self.task_labels(task, split)[r0 : r0 + rows]
-        scale = 1.0 / max(self.total(task, split, n, pooled), 1e-300)
-        weights = self.tasks[task].weights.get(split) if task else None
+        logits = z[:, : m * c].view(rows, m, c).transpose(0, 1)  # (m, B, C) view
         if weights is None:
             _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
             return loss, top1, top5
-        return weighted_softmax_xent(logits, y, weights[r0 : r0 + rows], scale, grad)
+        return weighted_softmax_xent(logits, y, weights, scale, grad)
+
+    def _scale(self, task: str, split: str, n: int, pooled: bool) -> float:
+        """1 / the N of ``task``'s mean loss: what its dZ is scaled by."""
+        return 1.0 / max(self.total(task, split, n, pooled), 1e-300)
 
     def _run_partials(self, split: str, run: list[str], by_layer: dict[str, list[int]],
                       points: Sequence[Point], out: list, grad: bool, n: int,
                       pooled: bool = False) -> None:
+        """One pass of a run's layers over the rows of ``split``: the probes of tasks over
+        every row share the logit GEMMs of each block (their columns first, see
+        :meth:`partials`); each sparse task's probes take its rows of the block alone."""
         y = self.features.labels(split)
         c, d = self.num_classes, max(self.dims[layer] for layer in run)
         if len(run) > 1:  # a stack: as wide as its widest layer
@@ -339,44 +398,92 @@ class ProbeObjective:
         thetas = [torch.stack([points[i].theta for i in by_layer[layer]], dim=1)
                   for layer in run]  # L x (D_j+1, K, C)
         dtype = thetas[0].dtype
-        kc = k * c
         wt, b = self.pack(thetas, d, dtype, self.pad)
         width = wt.shape[1]
-        gw = torch.zeros(nl, d, width, dtype=dtype, device=self.device) if grad else None
-        gb = torch.zeros(nl, width, dtype=dtype, device=self.device) if grad else None
-        loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
-        top1 = torch.zeros_like(loss)  # hits: float64 counts exactly, and weighted hits
-        top5 = torch.zeros_like(loss)
         segments = [self._segments([points[i].task for i in by_layer[layer]])
                     for layer in run]
         plain = all(seg == [("", 0, k)] for seg in segments)
+        dense: list[list[tuple[str, int, int]]] = []  # per layer: its segments over every row
+        sparse: list[_Pack] = []
+        for j, segs in enumerate(segments):
+            dense.append([])
+            for seg in segs:
+                rows_of = self.sparse_rows(seg[0], split)
+                if rows_of is None:
+                    dense[-1].append(seg)
+                    continue
+                lo, hi = seg[1] * c, (seg[1] + seg[2]) * c
+                cols = -(-(hi - lo) // self.pad) * self.pad  # padded, as the shared GEMM
+                ws, bs = wt.new_zeros(cols, d), b.new_zeros(cols)
+                ws[: hi - lo], bs[: hi - lo] = wt[j, lo:hi], b[j, 0, lo:hi]
+                sparse.append(_Pack(j, seg, rows_of, ws, bs,
+                                    wt.new_zeros(d, cols) if grad else None,
+                                    bs.new_zeros(cols) if grad else None))
+        # dense columns: [0, kd_j * C) of layer j; the shared GEMM is as wide as the widest
+        kd = [sum(seg[2] for seg in segs) * c for segs in dense]
+        wd = min(width, -(-max(kd) // self.pad) * self.pad)
+        wt_d, b_d = wt[:, :wd], b[:, :, :wd]
+        gw = torch.zeros(nl, d, wd, dtype=dtype, device=self.device) if grad else None
+        gb = torch.zeros(nl, wd, dtype=dtype, device=self.device) if grad else None
+        loss = torch.zeros(nl, k, dtype=torch.float64, device=self.device)
+        top1 = torch.zeros_like(loss)  # hits: float64 counts exactly, and weighted hits
+        top5 = torch.zeros_like(loss)
+
+        def add(j: int, first: int, m: int, sums: tuple[torch.Tensor, ...]) -> None:
+            loss[j, first : first + m] += sums[0].double()
+            top1[j, first : first + m] += sums[1]
+            top5[j, first : first + m] += sums[2]
+
         rows = max(256, self.block_bytes // (nl * width * wt.element_size()))
         for r0, xb in self.features.blocks(split, run, rows):  # xb (L, B, D)
-            z = self.logits(xb, wt, b)  # (L, B, width)
-            if plain:
-                yb = y[r0 : r0 + xb.shape[1]]
-                sums = [[(0, k, s)] for s in self.softmax_xent(z, k, yb, 1.0 / n, grad)]
-            else:
-                sums = [[(seg[1], seg[2], self._task_xent(z[j], seg, split, r0, n, grad,
-                                                          pooled))
-                         for seg in segments[j]] for j in range(nl)]
-            for j, parts in enumerate(sums):
-                for first, m, (ls, t1, t5) in parts:
-                    loss[j, first : first + m] += ls.double()
-                    top1[j, first : first + m] += t1
-                    top5[j, first : first + m] += t5
-            if grad:  # z now holds dZ
-                z[:, :, kc:].zero_()
-                if nl == 1:
-                    gw[0].addmm_(xb[0].T, z[0])  # X^T dZ: MKL's fast orientation once padded
-                else:
-                    gw.baddbmm_(xb.transpose(1, 2), z)
-                gb += self.bias_gradient(z)
+            nb = xb.shape[1]
+            if wd:
+                z = self.logits(xb, wt_d, b_d)  # (L, B, wd)
+                if plain:
+                    for j, sums in enumerate(self.softmax_xent(z, k, y[r0 : r0 + nb], 1.0 / n,
+                                                               grad)):
+                        add(j, 0, k, sums)
+                for j, segs in enumerate(dense if not plain else ()):
+                    for task, first, m in segs:
+                        t = self.tasks.get(task)
+                        w = t.weights.get(split) if t is not None else None
+                        add(j, first, m, self._xent(
+                            z[j, :, first * c :], m,
+                            self.task_labels(task, split)[r0 : r0 + nb],
+                            None if w is None else w[r0 : r0 + nb],
+                            self._scale(task, split, n, pooled), grad))
+                if grad:  # z now holds dZ in each layer's dense columns; a column of X^T dZ
+                    # reads only its own, so the others (padding, sparse tasks) are not zeroed
+                    if nl == 1:
+                        gw[0].addmm_(xb[0].T, z[0])  # X^T dZ: MKL's fast orientation padded
+                    else:
+                        gw.baddbmm_(xb.transpose(1, 2), z)
+                    gb += self.bias_gradient(z)
+            for p in sparse:  # its counted rows in [r0, r0 + B)
+                lo, hi = (int(i) for i in p.rows.at.searchsorted([r0, r0 + nb]))
+                if lo == hi:
+                    continue
+                task, first, m = p.segment
+                xs = xb[p.layer].index_select(0, p.rows.index[lo:hi] - r0)  # (B_s, D)
+                zs = torch.addmm(p.b, xs, p.wt.T)
+                add(p.layer, first, m, self._xent(
+                    zs, m, p.rows.labels[lo:hi],
+                    None if p.rows.weights is None else p.rows.weights[lo:hi],
+                    self._scale(task, split, n, pooled), grad))
+                if grad:  # its padding columns' sums are never read, as above
+                    p.gw.addmm_(xs.T, zs)
+                    p.gb.add_(zs.sum(dim=0, dtype=self.dtype))
         loss, top1, top5 = loss.tolist(), top1.tolist(), top5.tolist()
         for j, layer in enumerate(run):
-            dj = thetas[j].shape[0] - 1
-            g = (torch.cat([gw[j, :dj, :kc], gb[j : j + 1, :kc]]).view(dj + 1, k, c)
-                 if grad else None)  # (D_j+1, K, C): the layer's rows of X^T dZ, the bias row
+            dj, g = thetas[j].shape[0] - 1, None
+            if grad:  # (D_j+1, K, C): the layer's rows of X^T dZ, the bias row
+                g = torch.empty(dj + 1, k * c, dtype=dtype, device=self.device)
+                g[:dj, : kd[j]], g[dj, : kd[j]] = gw[j, :dj, : kd[j]], gb[j, : kd[j]]
+                for p in sparse:
+                    if p.layer == j:
+                        lo, mc = p.segment[1] * c, p.segment[2] * c
+                        g[:dj, lo : lo + mc], g[dj, lo : lo + mc] = p.gw[:dj, :mc], p.gb[:mc]
+                g = g.view(dj + 1, k, c)
             for m, i in enumerate(by_layer[layer]):
                 out[i] = Partial(loss[j][m], top1[j][m], top5[j][m],
                                  g[:, m] if grad else None)

@@ -17,6 +17,7 @@ from engine import _lbfgs, _tasks
 from engine._fit import objective_for
 from engine._sources import ProbeData
 from engine.errors import DataError, InvalidArgumentError, SplitNotFoundError
+from engine.objective import Point
 from engine.options import SolveOptions
 
 LAM = 1e-2
@@ -274,3 +275,48 @@ def test_sgd_repeats_report_the_spread_over_seeds():
         assert t.loc[split, "top1_error_seed_mean"] == pytest.approx(np.mean(errors))
         assert t.loc[split, "top1_error_seed_std"] == pytest.approx(np.std(errors, ddof=1))
     assert len({a.loc["test", "top1_error"] for a in alone}) > 1  # the seeds do differ
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_sparse_tasks_pass_equals_the_pass_over_every_row(monkeypatch, group):
+    # tasks counting few rows (MDL blocks, few-shot draws, a weighted subset) take only
+    # their rows of each block; the sums must be the pass over every row's, to rounding
+    from engine import objective as objective_module
+
+    x, y = blobs(1200, 9, 4, seed=11)
+    feats = {"a": x, "b": x[:, :8] * 0.5}
+    yt = torch.from_numpy(y)
+    fit, score = _tasks.mdl_tasks(yt, [12, 300, 900, 1200], seed=1)
+    shots = _tasks.few_shot_tasks({"train": yt}, 4, 5, 1, seed=2)
+    subset = torch.where(torch.arange(1200) % 7 == 0, yt, _tasks.IGNORE)
+    weighted = _tasks.Task("w", {"train": subset},
+                           {"train": torch.rand(1200, generator=torch.Generator().manual_seed(3),
+                                                dtype=torch.float64) + 0.5})
+    tasks = [*fit, *score, *shots, weighted, _tasks.shuffled_task({"train": yt}, seed=4)]
+    gen = torch.Generator().manual_seed(5)
+    names = {"a": ["", "mdl:1", "mdl:3", "w", "mdl:1:next"],  # mdl:3 counts 900 of 1,200
+             "b": ["shots:5:0", "", "shuffled", "mdl:2", "mdl:3"]}  # 2 and 3 dense
+    points = [Point(layer, l2, torch.randn(feats[layer].shape[1] + 1, 4, generator=gen,
+                                                  dtype=torch.float64), task)
+              for layer, tasks_of in names.items()
+              for l2, task in zip([1e-3, 1e-2, 1e-1, 1.0, 0.5], tasks_of, strict=True)]
+
+    def evaluate(share):
+        monkeypatch.setattr(objective_module, "SPARSE_SHARE", share)
+        data = ProbeData.from_arrays(feats, yt.numpy(), None)
+        options = SolveOptions.from_kwargs(device="cpu", dtype="float64")
+        obj = objective_for(data, ["a", "b"], options, group=group)
+        obj.add_tasks(tasks)
+        obj.block_bytes = 1  # blocks of 256 rows: the tasks' rows fall across five
+        return obj, obj.evaluate("train", points, grad=True)
+
+    sparse_obj, got = evaluate(objective_module.SPARSE_SHARE)
+    assert [sparse_obj.sparse_rows(t, "train") is not None for t in
+            ("mdl:1", "mdl:3", "w", "shots:5:0", "shuffled", "mdl:1:next", "mdl:2")] == [
+        True, False, True, True, False, True, True]
+    dense_obj, want = evaluate(-1.0)
+    assert all(dense_obj.sparse_rows(t.name, "train") is None for t in tasks)
+    for g, w in zip(got, want, strict=True):
+        assert g.objective == pytest.approx(w.objective, rel=1e-12)
+        assert (g.top1_error, g.top5_error) == pytest.approx((w.top1_error, w.top5_error))
+        torch.testing.assert_close(g.gradient, w.gradient, rtol=1e-10, atol=1e-12)
