@@ -30,7 +30,7 @@ from .options import SolveOptions
 from .store import Store, open_store
 
 __all__ = ["ARITHMETIC", "backend_of", "check_splits", "fit_layers", "objective_for", "select",
-           "solve_data", "solve_stored"]
+           "solve_data", "solve_stored", "task_plan"]
 
 #: solve dtype -> the arithmetic dtype of weights, sums and full-batch passes ("tf32":
 #: float32 with TF32 GEMMs on CUDA; "bfloat16": float32 with bfloat16 minibatch products)
@@ -292,48 +292,65 @@ def task_plan(data: ProbeData, options: SolveOptions) -> TaskPlan:
 
 def add_baselines(objective: ProbeObjective, plan: TaskPlan, record: dict,
                   solutions: list[Solution]) -> None:
-    """Adds to a layer's ``record`` what its probes beside the chosen one found: with a
-    refit, its weights and its test metrics and outputs (``fitted_on`` per split says
-    which probe a row scores); per split, ``<control>_top1_error`` and ``selectivity``
-    (the first control's error minus the probe's: accuracy above the control's); ``mdl``
-    (the online codelength in bits, the uniform one, the compression, the blocks)."""
+    """Adds to a layer's ``record`` what its probes beside the chosen one found: the
+    few-shot draws' errors, the refit probe, the controls' errors and the MDL codelength
+    (each below)."""
     by_task = {s.task: s for s in solutions}
     if plan.shots:
         add_few_shot(objective, plan, record, solutions)
     if plan.refit:
-        s = by_task["refit"]
-        scored = Point(s.layer, s.l2, s.theta, plan.main)
-        (v,) = objective.evaluate("test", [scored], grad=False)
-        for split, m in record["metrics"].items():
-            m["fitted_on"] = "train+valid" if split == "test" else "train"
-        record["metrics"]["test"].update(
-            loss=v.loss, top1_error=v.top1_error,
-            top5_error=v.top5_error if objective.num_classes > 5 else math.nan)
-        record["W"], record["b"] = (s.theta[:-1].float().cpu().numpy(),
-                                    s.theta[-1].float().cpu().numpy())
-        record["outputs"]["test"] = {k: t.numpy() for k, t in objective.row_outputs(
-            "test", scored).items()}
-        record["refit"] = {"iterations": s.iterations, "converged": s.converged,
-                           "reason": s.reason}
+        add_refit(objective, plan, record, by_task["refit"])
     if plan.controls:
-        for split in objective.splits:
-            values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta, s.task) for s in (
-                by_task[c] for c in plan.controls)], grad=False)
-            m = record["metrics"][split]
-            for name, v in zip(plan.controls, values, strict=True):
-                m[f"{name}_top1_error"] = v.top1_error
-            m["selectivity"] = m[f"{plan.controls[0]}_top1_error"] - m["top1_error"]
-        record["controls"] = {c: {"converged": by_task[c].converged,
-                                  "iterations": by_task[c].iterations} for c in plan.controls}
+        add_controls(objective, plan, record, [by_task[c] for c in plan.controls])
     if plan.boundaries:
-        fitted = [by_task[f"mdl:{i}"] for i in range(1, len(plan.boundaries))]
-        points = [Point(s.layer, s.l2, s.theta, f"{s.task}:next") for s in fitted]
-        n = objective.rows("train")
-        losses = [v.loss * objective.total(p.task, "train", n) for p, v in zip(
-            points, objective.evaluate("train", points, grad=False), strict=True)]
-        record["mdl"] = {**mdl_codelength(plan.boundaries, objective.num_classes, losses),
-                         "boundaries": list(plan.boundaries),
-                         "converged": all(s.converged for s in fitted)}
+        add_mdl(objective, plan, record,
+                [by_task[f"mdl:{i}"] for i in range(1, len(plan.boundaries))])
+
+
+def add_refit(objective: ProbeObjective, plan: TaskPlan, record: dict, s: Solution) -> None:
+    """The refit probe ``s`` (train + valid) becomes the layer's result: its weights, its
+    test metrics and outputs; ``fitted_on`` per split says which probe a row scores."""
+    scored = Point(s.layer, s.l2, s.theta, plan.main)
+    (v,) = objective.evaluate("test", [scored], grad=False)
+    for split, m in record["metrics"].items():
+        m["fitted_on"] = "train+valid" if split == "test" else "train"
+    record["metrics"]["test"].update(
+        loss=v.loss, top1_error=v.top1_error,
+        top5_error=v.top5_error if objective.num_classes > 5 else math.nan)
+    record["W"], record["b"] = (s.theta[:-1].float().cpu().numpy(),
+                                s.theta[-1].float().cpu().numpy())
+    record["outputs"]["test"] = {k: t.numpy() for k, t in objective.row_outputs(
+        "test", scored).items()}
+    record["refit"] = {"iterations": s.iterations, "converged": s.converged,
+                       "reason": s.reason}
+
+
+def add_controls(objective: ProbeObjective, plan: TaskPlan, record: dict,
+                 controls: list[Solution]) -> None:
+    """Per split, ``<control>_top1_error`` of each control probe and ``selectivity`` (the
+    first control's error minus the probe's: accuracy above the control's)."""
+    for split in objective.splits:
+        values = objective.evaluate(split, [Point(s.layer, s.l2, s.theta, s.task)
+                                            for s in controls], grad=False)
+        m = record["metrics"][split]
+        for name, v in zip(plan.controls, values, strict=True):
+            m[f"{name}_top1_error"] = v.top1_error
+        m["selectivity"] = m[f"{plan.controls[0]}_top1_error"] - m["top1_error"]
+    record["controls"] = {c: {"converged": s.converged, "iterations": s.iterations}
+                          for c, s in zip(plan.controls, controls, strict=True)}
+
+
+def add_mdl(objective: ProbeObjective, plan: TaskPlan, record: dict,
+            fitted: list[Solution]) -> None:
+    """``mdl``: the online codelength in bits (each block's probe scored on the next
+    block), the uniform one, the compression and the blocks."""
+    points = [Point(s.layer, s.l2, s.theta, f"{s.task}:next") for s in fitted]
+    n = objective.rows("train")
+    losses = [v.loss * objective.total(p.task, "train", n) for p, v in zip(
+        points, objective.evaluate("train", points, grad=False), strict=True)]
+    record["mdl"] = {**mdl_codelength(plan.boundaries, objective.num_classes, losses),
+                     "boundaries": list(plan.boundaries),
+                     "converged": all(s.converged for s in fitted)}
 
 
 def add_few_shot(objective: ProbeObjective, plan: TaskPlan, record: dict,

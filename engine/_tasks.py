@@ -72,8 +72,20 @@ class Task:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Task:
         """The same task with its labels (and weights, in ``dtype``) on ``device``."""
-        return Task(self.name, {s: y.to(device) for s, y in self.labels.items()},
-                    {s: w.to(device, dtype) for s, w in self.weights.items()}, self.pool)
+        out = Task(self.name, {s: y.to(device) for s, y in self.labels.items()},
+                   {s: w.to(device, dtype) for s, w in self.weights.items()}, self.pool)
+        out._totals = dict(self._totals)  # a shard's are its whole splits' (below)
+        return out
+
+    def shard(self, split: str, start: int, stop: int) -> Task:
+        """The task on rows [start, stop) of ``split`` alone (a row shard of a row-parallel
+        solve): its labels and weights there, its totals (the N of each mean loss) still
+        the whole splits', so that the shards' partial sums add up to the split's."""
+        out = Task(self.name, {split: self.labels[split][start:stop]},
+                   {s: w[start:stop] for s, w in self.weights.items() if s == split},
+                   self.pool)
+        out._totals = dict(self._totals)
+        return out
 
 
 def _generator(seed: int, salt: str) -> np.random.Generator:

@@ -506,9 +506,6 @@ class SolveOptions(Options):
         if self.tasks and self.solver != "lbfgs":
             raise InvalidArgumentError(f"{self.task_words()} are fitted by L-BFGS, beside "
                                        f"each layer's probe: use solver='lbfgs'")
-        if self.tasks and self.shard == "rows":
-            raise InvalidArgumentError(f"{self.task_words()} are not fitted over row "
-                                       f"shards yet: use shard='layers' (or 'auto')")
 
     @property
     def tasks(self) -> bool:

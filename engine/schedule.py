@@ -31,7 +31,7 @@ import torch
 
 from . import format as fmt
 from ._features import BUDGET_SHARE, FeatureCache, free_bytes
-from ._fit import ARITHMETIC, backend_of, objective_for, solve_data, solve_stored
+from ._fit import ARITHMETIC, backend_of, objective_for, solve_data, solve_stored, task_plan
 from ._sources import ProbeData
 from ._writer import Block, CaptureJob, write_rows
 from .capture import Runner
@@ -159,26 +159,33 @@ def _shard_objective(shard: _Shard) -> ProbeObjective:
                                     shard.options.allow_partial)
         part = data.shard(shard.split, shard.start, shard.stop)
         objective = _SHARD_CACHE[key] = objective_for(part, shard.layers, shard.options)
+        # the tasks made from the whole labels, as the driver made them (seeded), then cut
+        # to the shard's rows: their totals stay the whole split's
+        objective.add_tasks([t.shard(shard.split, shard.start, shard.stop)
+                             for t in task_plan(data, shard.options).tasks
+                             if shard.split in t.labels])
     return objective
 
 
-def _pass_task(shard: _Shard, points: list[tuple[str, float, Any]], grad: bool, n: int
-               ) -> list[tuple]:
-    """On a worker: the partial sums of ``points`` ((layer, l2, theta as numpy)) over the
-    shard's rows, gradients scaled by 1 / ``n``; numpy out."""
+def _pass_task(shard: _Shard, points: list[tuple[str, float, Any, str]], grad: bool, n: int,
+               pooled: bool) -> list[tuple]:
+    """On a worker: the partial sums of ``points`` ((layer, l2, theta as numpy, task)) over
+    the shard's rows, gradients scaled by 1 / ``n``; numpy out."""
     _worker_threads()
     objective = _shard_objective(shard)
     dev = objective.device
-    pts = [Point(layer, l2, torch.from_numpy(theta).to(dev)) for layer, l2, theta in points]
+    pts = [Point(layer, l2, torch.from_numpy(theta).to(dev), task)
+           for layer, l2, theta, task in points]
     return [(p.loss, p.top1, p.top5, None if p.gradient is None else p.gradient.cpu().numpy())
-            for p in objective.partials(shard.split, pts, grad=grad, n=n)]
+            for p in objective.partials(shard.split, pts, grad=grad, n=n, pooled=pooled)]
 
 
-def _outputs_task(shard: _Shard, layer: str, l2: float, theta: Any) -> dict[str, Any]:
+def _outputs_task(shard: _Shard, layer: str, l2: float, theta: Any, task: str
+                  ) -> dict[str, Any]:
     """On a worker: the per-row outputs of one probe over the shard's rows; numpy out."""
     _worker_threads()
     objective = _shard_objective(shard)
-    point = Point(layer, l2, torch.from_numpy(theta).to(objective.device))
+    point = Point(layer, l2, torch.from_numpy(theta).to(objective.device), task)
     return {k: v.numpy() for k, v in objective.row_outputs(shard.split, point).items()}
 
 
@@ -263,10 +270,11 @@ class RowShardObjective(ProbeObjective):
                       "solve again to finish")
         return self.client.gather(list(futures.values()))
 
-    def partials(self, split: str, points, *, grad: bool, n: int) -> list[Partial]:
-        payload = [(p.layer, p.l2, p.theta.cpu().numpy()) for p in points]
+    def partials(self, split: str, points, *, grad: bool, n: int, pooled: bool = False
+                 ) -> list[Partial]:
+        payload = [(p.layer, p.l2, p.theta.cpu().numpy(), p.task) for p in points]
         out = None
-        for part in self._map(split, _pass_task, payload, grad, n):  # in shard order
+        for part in self._map(split, _pass_task, payload, grad, n, pooled):  # in shard order
             if out is None:
                 out = [[loss, t1, t5, None if g is None else torch.from_numpy(g)]
                        for loss, t1, t5, g in part]
@@ -281,7 +289,7 @@ class RowShardObjective(ProbeObjective):
 
     def row_outputs(self, split: str, point: Point) -> dict[str, torch.Tensor]:
         parts = self._map(split, _outputs_task, point.layer, point.l2,
-                          point.theta.cpu().numpy())  # in shard order: the split's rows
+                          point.theta.cpu().numpy(), point.task)  # in shard order
         return {k: torch.cat([torch.from_numpy(p[k]) for p in parts]) for k in parts[0]}
 
     def moment_sums(self, split: str, layer: str, q: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
+from test_solve import _one_thread  # noqa: F401  (fixture: one thread, as there)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -29,15 +29,6 @@ from engine.errors import MemoryBudgetError, StoreCorruptedError
 from engine.objective import Point, ProbeObjective
 
 L2 = [1e-3, 1e-2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def blob_store(path, n: int, d: int, c: int, *, seed: int = 0, block_bytes: int = 1 << 16,

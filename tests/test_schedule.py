@@ -214,6 +214,25 @@ def test_auto_shards_rows_of_the_layers_a_worker_cannot_hold(store, client):
             objective64(store, layer, one), rel=1e-5)
 
 
+def test_tasks_over_row_shards_equal_the_single_process_solve(store, client):
+    """Controls, MDL blocks, few-shot draws, class weights and the refit on train + valid
+    over two row shards: each worker makes the tasks from the whole labels and cuts them to
+    its rows (totals kept whole), so every figure is the single process's."""
+    kw = dict(SOLVE, layers=["4"], l2=[1e-3, 1e-1], controls=["shuffled"], mdl=True,
+              mdl_blocks=(10.0, 50.0, 100.0), shots=[5], draws=2, class_weight="balanced",
+              refit=True)
+    ours = engine.solve(store, run="trows", client=client, shard="rows", **kw)
+    one = one_thread(engine.solve, store, run="tone", **kw)
+    assert ours.backends["4"]["features"] == "rows over 2 shards"
+    a, b = (r.table.set_index("split") for r in (ours, one))
+    assert a.l2.equals(b.l2) and a.fitted_on.equals(b.fitted_on)
+    assert a.loc["test", "shuffled_top1_error"] > 0.6  # the shuffled labels, not the task's
+    for col in ("top1_error", "shuffled_top1_error", "shots_5_top1_error"):
+        np.testing.assert_allclose(a[col], b[col], atol=0.011, err_msg=col)  # a row or two
+    np.testing.assert_allclose(a.codelength, b.codelength, rtol=1e-3)
+    np.testing.assert_allclose(ours.weights["4"][0], one.weights["4"][0], atol=1e-3)
+
+
 def test_a_row_shard_that_keeps_failing_names_its_rows(store, client):
     chunk = Path(store.path) / "train/features/1/c/6/0"  # rows 384-447: the second shard
     data = bytearray(chunk.read_bytes())

@@ -185,7 +185,6 @@ def test_a_control_task_maps_each_type_to_one_class():
 
 @pytest.mark.parametrize(("kw", "match"), [
     (dict(controls=["shuffled"], solver="sgd"), "solver='lbfgs'"),
-    (dict(mdl=True, shard="rows"), "row shards"),
     (dict(controls=["random"]), "controls must be some of"),
     (dict(mdl_blocks=(50.0, 10.0, 100.0)), "mdl_blocks must be increasing"),
     (dict(class_weight="auto"), "class_weight must be"),
