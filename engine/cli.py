@@ -247,7 +247,7 @@ EXAMPLES = {
         "probe-engine export fmnist.zarr --grid grid.parquet         # every l2 tried",
     ],
     "demo": [
-        "probe-engine demo                                    # about 7 minutes on 2 cores",
+        "probe-engine demo                                    # about 10 minutes on 2 cores",
         "probe-engine demo --quick --out /tmp/demo            # about a minute",
         "probe-engine demo --vit --quick --out /tmp/vit       # a small ViT, CLS vs mean",
     ],

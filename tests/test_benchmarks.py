@@ -101,7 +101,9 @@ def test_baselines_ride_one_solve_and_equal_one_fit_at_a_time(tmp_path):
     plain = by_case["baselines plain solve (grid, outputs, bootstrap)"]
     ours = by_case["baselines ours: + controls + MDL, one solve / plain"]
     assert plain["train_rows"] == 250 and plain["mdl_boundaries"] == [32, 63, 125, 250]
-    assert ours["target"] == 3.0 and ours["ratio"] == round(ours["seconds"] / plain["seconds"], 2)
+    # the ratio comes from unrounded times, the stored seconds are rounded to 1 ms
+    assert ours["target"] == 3.0
+    assert abs(ours["ratio"] - ours["seconds"] / plain["seconds"]) < 0.02
     for layer in ours["per_layer"].values():  # controls near chance, a shorter online code
         assert layer["control_test_top1_error"] > 0.6 and layer["compression"] > 1
     # one solve per fit finds what the batched baselines found: the same control errors and,

@@ -172,6 +172,27 @@ def test_the_full_demo_merges_its_lbfgs_baselines_into_the_sgd_probes():
     assert merged.resampled is sgd.resampled and merged.config["solver"] == "sgd"
 
 
+def test_the_full_demo_fits_its_baselines_on_the_first_train_rows(tmp_path):
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from engine.demo import baseline_source
+
+    x = torch.arange(120 * 3, dtype=torch.float32).view(120, 3)
+    y = torch.arange(120) % 3
+    data = {"train": TensorDataset(x[:90], y[:90]), "test": TensorDataset(x[90:], y[90:])}
+    store = engine.build_store(nn.Sequential(nn.Identity()), data, tmp_path / "s.zarr",
+                               layers=["0"], reduce="none", dtype="float32", valid_size=20,
+                               progress=False)
+    features, labels = baseline_source(store, 25)
+    assert {s: len(v) for s, v in labels.items()} == {"train": 25, "valid": 20, "test": 30}
+    for split in store.splits:
+        n = len(labels[split])
+        np.testing.assert_array_equal(features[split]["0"], store.read(split, "0")[:n])
+        np.testing.assert_array_equal(labels[split], store.labels(split)[:n])
+    assert len(baseline_source(store, 10_000)[1]["train"]) == 70  # no more than train has
+
+
 def test_imagefolder_data(tmp_path):
     from PIL import Image
 
