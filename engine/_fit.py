@@ -314,15 +314,16 @@ def add_refit(objective: ProbeObjective, plan: TaskPlan, record: dict, s: Soluti
     (v,) = objective.evaluate("test", [scored], grad=False)
     for split, m in record["metrics"].items():
         m["fitted_on"] = "train+valid" if split == "test" else "train"
-    record["metrics"]["test"].update(
+    record["metrics"]["test"].update(  # the row of the probe that scores it: the refit's
         loss=v.loss, top1_error=v.top1_error,
-        top5_error=v.top5_error if objective.num_classes > 5 else math.nan)
+        top5_error=v.top5_error if objective.num_classes > 5 else math.nan,
+        iterations=s.iterations, converged=s.converged)
     record["W"], record["b"] = (s.theta[:-1].float().cpu().numpy(),
                                 s.theta[-1].float().cpu().numpy())
     record["outputs"]["test"] = {k: t.numpy() for k, t in objective.row_outputs(
         "test", scored).items()}
-    record["refit"] = {"iterations": s.iterations, "converged": s.converged,
-                       "reason": s.reason}
+    record["refit"] = {"iterations": s.iterations, "evaluations": s.evaluations,
+                       "converged": s.converged, "reason": s.reason}
 
 
 def add_controls(objective: ProbeObjective, plan: TaskPlan, record: dict,

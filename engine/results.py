@@ -77,7 +77,9 @@ class ProbeResults:
                 row = {"layer": layer, "split": split, "site": meta.get("site", ""),
                        "dim": meta.get("dim", int(rec["W"].shape[0])),
                        "reduction": meta.get("reduction", ""), "l2": rec["l2"],
-                       "iterations": rec["iterations"], "converged": rec["converged"],
+                       # a split's row is its probe's: the refit's on test, else the chosen
+                       "iterations": m.get("iterations", rec["iterations"]),
+                       "converged": m.get("converged", rec["converged"]),
                        "loss": m["loss"], "top1_error": m["top1_error"],
                        "top5_error": m["top5_error"], "seconds": rec.get("seconds"),
                        **more, **mdl, **scores.get((layer, split), {})}

@@ -224,6 +224,14 @@ def test_refit_is_scikit_learn_on_train_and_valid_scored_on_test():
         for split in ("train", "valid"):  # the probe that chose lambda, unchanged
             assert t.loc[(layer, split), "fitted_on"] == "train"
             assert t.loc[(layer, split), "top1_error"] == t0.loc[(layer, split), "top1_error"]
+            assert t.loc[(layer, split), "iterations"] == t0.loc[(layer, split), "iterations"]
+        # the test row is the refit's: its iterations are about those of a fit from zero
+        # on train + valid (not equal: the passes sum the two splits apart, and the
+        # preconditioner is train's)
+        alone = solve({layer: x}, labels=y, l2=lam, dtype="float64", tol=1e-9)
+        assert t.loc[(layer, "test"), "converged"]
+        assert t.loc[(layer, "test"), "iterations"] == pytest.approx(
+            alone.table.iterations.iloc[0], rel=0.2)
 
 
 def test_refit_never_scores_rows_that_chose_lambda():
