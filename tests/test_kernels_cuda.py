@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import _fit, kernels
+from engine import _fit, _tasks, kernels
 from engine._features import FeatureCache
 from engine._sources import ProbeData
 from engine.errors import InvalidArgumentError
@@ -370,3 +370,45 @@ def test_whole_solves_run_through_the_kernel(host_kernel, solver, dtype):
     for split in ("train", "valid"):
         assert got["metrics"][split]["loss"] == pytest.approx(
             want["metrics"][split]["loss"], rel=rtol)
+
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "stacked"])
+def test_the_tasks_passes_run_through_the_kernel(kernel, group):
+    """The tasks' calls as they come on a GPU: tasks over every row take their probes'
+    logits at a column offset of the shared (B, width) buffer, rows they leave out labelled
+    -1; MDL blocks and few-shot draws run on their own gathered rows; through the kernel
+    (emulated, or on a GPU), against the reference."""
+    rng = np.random.default_rng(14)
+    y = rng.permutation(np.arange(300) % 4)
+    xs = {"a": rng.normal(size=(300, 8)).astype(np.float32)}
+    xs["b"] = xs["a"][:, :5] * 0.5
+    yt = torch.from_numpy(y)
+    fit, score = _tasks.mdl_tasks(yt, [6, 60, 200, 300], seed=1)  # 200 of 300: every row
+    tasks = [*fit, *score, *_tasks.few_shot_tasks({"train": yt}, 4, 3, 1, seed=2),
+             _tasks.shuffled_task({"train": yt}, seed=3)]
+    data = ProbeData.from_arrays(xs, y, None)
+    options = SolveOptions.from_kwargs(device=kernel.device)
+    objectives = {}
+    for name, fn in (("kernel", kernel.softmax_xent), ("reference", "torch")):
+        objectives[name] = _fit.objective_for(data, ["a", "b"], options, kernel=fn,
+                                              group=group)
+        objectives[name].add_tasks(tasks)
+    obj = objectives["kernel"]
+    assert obj.sparse_rows("mdl:1", "train") is not None  # gathered rows
+    assert obj.sparse_rows("mdl:3", "train") is None  # at an offset, rows left out: -1
+    gen = torch.Generator().manual_seed(4)
+    names = {"a": ["", "mdl:3", "shuffled", "mdl:1", "shots:3:0"],
+             "b": ["mdl:1:next", "", "mdl:3", "shuffled", "mdl:2"]}
+    points = [Point(layer, lam, torch.randn(xs[layer].shape[1] + 1, 4, generator=gen)
+                    .to(kernel.device), task)
+              for layer, of in names.items()
+              for lam, task in zip([1e-3, 1e-2, 1e-1, 1.0, 0.5], of, strict=True)]
+    for grad in (True, False):
+        got = objectives["kernel"].evaluate("train", points, grad=grad)
+        want = objectives["reference"].evaluate("train", points, grad=grad)
+        for p, v1, v2 in zip(points, got, want, strict=True):
+            assert v1.objective == pytest.approx(v2.objective, rel=1e-6), p.task
+            assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error), p.task
+            if grad:
+                torch.testing.assert_close(v1.gradient, v2.gradient, rtol=1e-5, atol=1e-7)
