@@ -623,8 +623,8 @@ def _splits_mapping(*names: str) -> tuple[dict, dict]:
     return feats, labels
 
 
-def _solve_controls_sgd(tmp):
-    _solve_mapping(solver="sgd", controls=["shuffled"], early_stopping=False)
+def _solve_mdl_sgd(tmp):
+    _solve_mapping(solver="sgd", controls=["shuffled"], mdl=True, early_stopping=False)
 
 
 def _solve_refit_no_test(tmp):
@@ -954,8 +954,8 @@ CASES: list[Case] = [
          ("l2", ">= 0", "-0.001")),
     Case("solve: unknown solver", "api", _solve_bad_solver, InvalidArgumentError,
          ("'adam'", "'lbfgs', 'sgd' or 'ridge'")),
-    Case("solve: controls with SGD", "api", _solve_controls_sgd, InvalidArgumentError,
-         ("controls are fitted by L-BFGS", "solver='lbfgs'")),
+    Case("solve: MDL with SGD", "api", _solve_mdl_sgd, InvalidArgumentError,
+         ("MDL probes are fitted by L-BFGS", "solver='lbfgs'", "SGD fits controls alone")),
     Case("solve: refit without a test split", "api", _solve_refit_no_test, SplitNotFoundError,
          ("refit=True", "no 'test' split")),
     Case("solve: refit scoring valid's rows", "api", _solve_refit_same_rows, DataError,

@@ -181,8 +181,9 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
             e = torch.tensor(errors, dtype=torch.float64)
             record["metrics"][split].update(top1_error_seed_mean=float(e.mean()),
                                             top1_error_seed_std=float(e.std()))
-        if plan.extra or plan.shots:
-            add_baselines(objective, plan, record, solutions)
+        if plan.extra or plan.shots:  # SGD fits its controls at every lambda: the chosen's
+            add_baselines(objective, plan, record, [
+                s for s in solutions if s.task not in plan.controls or s.l2 == record["l2"]])
         record["seconds"] = round(time.perf_counter() - started, 3)
         # SGD reads train block by block every epoch, whatever the budget
         record["backend"] = {**backend, "features": "streamed" if options.solver == "sgd"
@@ -203,15 +204,17 @@ def fit_layers(data: ProbeData, layers: Sequence[str], options: SolveOptions,
             _ridge.fit(objective, layers, options.grid, finished, progress=progress)
         elif options.sgd.repeats == 1:
             _sgd.fit(objective, layers, options.grid, options.sgd, finished,
-                     progress=progress)
+                     progress=progress, tasks=(plan.main, *plan.controls))
         else:
-            _sgd_repeats(objective, layers, options, finished, progress=progress)
+            _sgd_repeats(objective, layers, options, finished, progress=progress,
+                         tasks=(plan.main, *plan.controls))
     finally:
         torch.set_float32_matmul_precision(precision)
 
 
 def _sgd_repeats(objective: ProbeObjective, layers: Sequence[str], options: SolveOptions,
-                 finished: Callable[[str, list[Solution]], None], *, progress: bool) -> None:
+                 finished: Callable[[str, list[Solution]], None], *, progress: bool,
+                 tasks: Sequence[str] = ("",)) -> None:
     """SGD is stochastic: fit every layer ``options.sgd.repeats`` times, seeds ``seed``,
     ``seed + 1``, ...; the first seed's probe is the result, and each split's metrics get
     ``top1_error_seed_mean`` / ``top1_error_seed_std`` over the seeds (the spread that the
@@ -219,7 +222,8 @@ def _sgd_repeats(objective: ProbeObjective, layers: Sequence[str], options: Solv
     errors: dict[str, dict[str, list[float]]] = {}
 
     def collect(layer: str, solutions: list[Solution]) -> None:
-        points = [Point(s.layer, s.l2, s.theta, s.task) for s in solutions]
+        points = [Point(s.layer, s.l2, s.theta, s.task) for s in solutions
+                  if s.task == tasks[0]]
         values = {split: objective.evaluate(split, points, grad=False)
                   for split in objective.splits}
         pick = values["valid" if "valid" in values else "train"]
@@ -233,7 +237,7 @@ def _sgd_repeats(objective: ProbeObjective, layers: Sequence[str], options: Solv
         sgd = dataclasses.replace(options.sgd, seed=options.sgd.seed + r)
         _sgd.fit(objective, layers, options.grid, sgd,
                  (lambda layer, sols: (first.__setitem__(layer, sols), collect(layer, sols)))
-                 if r == 0 else collect, progress=progress)
+                 if r == 0 else collect, progress=progress, tasks=tasks)
     for layer in layers:
         finished(layer, first[layer], seeds=errors[layer])
 

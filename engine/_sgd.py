@@ -2,10 +2,11 @@
 rows from the store, with early stopping on the validation split.
 
 Each epoch visits the train row blocks in a shuffled order and the rows of each block in a
-shuffled order; every minibatch step of a layer updates all of its lambdas' probes with one
-:meth:`ProbeObjective.minibatch_gradient`. After each epoch the validation top-1 error of
-each probe decides whether its weights are the best so far, and ``patience`` epochs without
-a better one stop it (the paper's protocol); the best weights are kept.
+shuffled order; every minibatch step of a layer updates all of its lambdas' probes (and its
+control tasks', on their own labels) with one :meth:`ProbeObjective.minibatch_gradient`.
+After each epoch the validation top-1 error of each probe (on its task's labels) decides
+whether its weights are the best so far, and ``patience`` epochs without a better one stop
+it (the paper's protocol); the best weights are kept.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ __all__ = ["fit"]
 
 @dataclass
 class _Layer:
-    """The Adam state of one layer's K probes (one per lambda), side by side: ``theta``,
-    ``m``, ``v`` and ``best`` are (D+1, K, C); the lists hold one entry per probe."""
+    """The Adam state of one layer's K probes (one per task and lambda), side by side:
+    ``theta``, ``m``, ``v`` and ``best`` are (D+1, K, C); the lists hold one entry per probe."""
 
     theta: torch.Tensor
     m: torch.Tensor
@@ -68,17 +69,20 @@ class _Schedule:
 
 def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
         options: SGDOptions, on_layer: Callable[[str, list[Solution]], None], *,
-        progress: bool = False) -> None:
-    """Fit one probe per (layer, lambda of ``grid``) by minibatch Adam for at most
-    ``options.epochs`` epochs; ``on_layer(layer, solutions)`` when every probe of a layer
-    has stopped (or the epochs are spent), with each probe's best weights."""
+        progress: bool = False, tasks: Sequence[str] = ("",)) -> None:
+    """Fit one probe per (layer, task of ``tasks``, lambda of ``grid``) by minibatch Adam
+    for at most ``options.epochs`` epochs, each stopped early on its own task's validation
+    error; ``on_layer(layer, solutions)`` when every probe of a layer has stopped (or the
+    epochs are spent), with each probe's best weights. A task's probes ride the same
+    minibatches and GEMMs as the layer's own (a control task: its labels differ)."""
     data = objective.features.data
     c, dt, dev = objective.num_classes, objective.dtype, objective.device
-    k = len(grid)
-    l2 = objective.strengths(grid, dt)
-    states = {layer: _Layer.zeros(data.dims[layer], k, c, dt, dev) for layer in layers}
+    probes = [(task, lam) for task in tasks for lam in grid]  # task-major: equal segments
+    l2 = objective.strengths([lam for _, lam in probes], dt)
+    states = {layer: _Layer.zeros(data.dims[layer], len(probes), c, dt, dev)
+              for layer in layers}
     n = data.rows("train")
-    y_all = objective.features.labels("train")
+    y_all = torch.stack([objective.task_labels(task, "train") for task in tasks])  # (S, N)
     block = data.block_rows
     sched = _Schedule(np.random.default_rng(options.seed),
                       [(r, min(r + block, n)) for r in range(0, n, block)],
@@ -91,7 +95,7 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
         _epoch(objective, states, live, l2, y_all, options, sched)
         bar.update(1)
         for layer in live:
-            _end_of_epoch(objective, layer, states[layer], grid, epoch, options, sched,
+            _end_of_epoch(objective, layer, states[layer], probes, epoch, options, sched,
                           on_layer)
     bar.close()
 
@@ -106,10 +110,10 @@ def _epoch(objective: ProbeObjective, states: dict[str, _Layer], live: list[str]
         r0, r1 = sched.blocks[bi]
         perm = torch.from_numpy(sched.rng.permutation(r1 - r0)).to(dev)
         xs = {layer: data.read("train", layer, r0, r1).to(dev)[perm] for layer in live}
-        yb = y_all[r0:r1][perm]
+        yb = y_all[:, r0:r1][:, perm]
         for m0 in range(0, r1 - r0, bs):
             sched.step += 1
-            y_mb = yb[m0 : m0 + bs]
+            y_mb = yb[:, m0 : m0 + bs]
             for layer in live:
                 st = states[layer]
                 grad = objective.minibatch_gradient(xs[layer][m0 : m0 + bs], y_mb, st.theta,
@@ -119,15 +123,17 @@ def _epoch(objective: ProbeObjective, states: dict[str, _Layer], live: list[str]
                 _adam(st.theta, grad, st.m, st.v, options.lr, sched.step)
 
 
-def _end_of_epoch(objective: ProbeObjective, layer: str, st: _Layer, grid: Sequence[float],
-                  epoch: int, options: SGDOptions, sched: _Schedule,
-                  on_layer: Callable[[str, list[Solution]], None]) -> None:
-    """Keep each probe's best weights by validation error, stop the probes out of patience,
-    and hand the layer over once all of them stopped or the epochs are spent."""
-    k = len(grid)
+def _end_of_epoch(objective: ProbeObjective, layer: str, st: _Layer,
+                  probes: Sequence[tuple[str, float]], epoch: int, options: SGDOptions,
+                  sched: _Schedule, on_layer: Callable[[str, list[Solution]], None]) -> None:
+    """Keep each probe's best weights by validation error (of its task's labels), stop the
+    probes out of patience, and hand the layer over once all of them stopped or the epochs
+    are spent."""
+    k = len(probes)
     errors = ([v.top1_error for v in objective.evaluate(
-        sched.stop_on, [Point(layer, lam, st.theta[:, j]) for j, lam in enumerate(grid)],
-        grad=False)] if sched.stop_on else [0.0] * k)
+        sched.stop_on, [Point(layer, lam, st.theta[:, j], task)
+                        for j, (task, lam) in enumerate(probes)], grad=False)]
+              if sched.stop_on else [0.0] * k)
     for j in range(k):
         if st.stopped[j]:
             continue
@@ -143,8 +149,8 @@ def _end_of_epoch(objective: ProbeObjective, layer: str, st: _Layer, grid: Seque
         on_layer(layer, [
             Solution(layer, lam, st.best[:, j].clone(), st.epochs[j], 0, st.stopped[j],
                      f"early stopping: no better validation error in {options.patience} epochs"
-                     if st.stopped[j] else "epochs exhausted")
-            for j, lam in enumerate(grid)])
+                     if st.stopped[j] else "epochs exhausted", task)
+            for j, (task, lam) in enumerate(probes)])
         st.stop()
 
 

@@ -567,16 +567,21 @@ class ProbeObjective:
                            l2: torch.Tensor) -> torch.Tensor:
         """dL_k/dtheta of K probes of one layer on one minibatch (x (B, D), y (B,); N = B):
         ``theta`` (D+1, K, C) in the arithmetic dtype, ``l2`` (K,); the products in ``low``
-        when set (on CUDA the kernel's bfloat16 variant reads the bfloat16 logits). Returns
-        (D+1, K, C) in theta's dtype."""
+        when set (on CUDA the kernel's bfloat16 variant reads the bfloat16 logits). With y
+        (S, B), the probes are S equal segments, segment s fitted to labels y[s] (a task's).
+        Returns (D+1, K, C) in theta's dtype."""
         d, k = theta.shape[0] - 1, theta.shape[1]
-        kc = k * self.num_classes
+        c = self.num_classes
+        kc = k * c
         gemm = self.low or self.dtype
         # a minibatch is a few hundred rows: its products are not padded
         wt, b = self.pack([theta], d, gemm, 1)
         xb = x.to(gemm).unsqueeze(0)  # (1, B, D)
         z = self.logits(xb, wt, b)
-        self.softmax_xent(z, k, y, 1.0 / len(y), True)  # z now holds dZ
+        ys = y.view(-1, y.shape[-1])
+        m = k // len(ys)
+        for t, yt in enumerate(ys):  # z now holds dZ
+            self.softmax_xent(z[:, :, t * m * c :], m, yt, 1.0 / len(yt), True)
         grad = torch.empty_like(theta)
         grad[:d].view(d, kc).copy_(torch.mm(z[0].T, xb[0]).T)
         grad[d] = self.bias_gradient(z)[0].view(k, self.num_classes)

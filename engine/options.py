@@ -503,9 +503,17 @@ class SolveOptions(Options):
                 "dtype='bfloat16' is for solver='sgd': L-BFGS with bfloat16 products stalls "
                 "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for "
                 "fast L-BFGS products on CUDA, or solver='sgd' with dtype='bfloat16'")
-        if self.tasks and self.solver != "lbfgs":
-            raise InvalidArgumentError(f"{self.task_words()} are fitted by L-BFGS, beside "
-                                       f"each layer's probe: use solver='lbfgs'")
+        if self.solver == "ridge" and self.tasks:
+            raise InvalidArgumentError(f"{self.task_words()} are fitted by L-BFGS (controls "
+                                       f"by SGD too), beside each layer's probe: use "
+                                       f"solver='lbfgs'")
+        # SGD fits controls beside the grid's probes; the rest needs L-BFGS's exact optimum
+        # at one lambda (MDL, refit) or its weights (class weights, few-shot draws)
+        lbfgs_only = [w for w in self.asked_tasks() if w != "controls"]
+        if self.solver == "sgd" and lbfgs_only:
+            raise InvalidArgumentError(f"{' and '.join(lbfgs_only)} are fitted by L-BFGS, "
+                                       f"beside each layer's probe: use solver='lbfgs' "
+                                       f"(SGD fits controls alone)")
 
     @property
     def tasks(self) -> bool:
@@ -514,12 +522,15 @@ class SolveOptions(Options):
         return bool(self.controls or self.mdl or self.class_weight or self.refit
                     or self.shots)
 
+    def asked_tasks(self) -> list[str]:
+        """The kinds of probe beside the layer's own that are asked for, in words."""
+        return [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
+                                ("class weights", self.class_weight),
+                                ("refits on train + valid", self.refit),
+                                ("few-shot probes", self.shots)) if on]
+
     def task_words(self) -> str:
-        asked = [w for w, on in (("controls", self.controls), ("MDL probes", self.mdl),
-                                 ("class weights", self.class_weight),
-                                 ("refits on train + valid", self.refit),
-                                 ("few-shot probes", self.shots)) if on]
-        return " and ".join(asked)
+        return " and ".join(self.asked_tasks())
 
     @property
     def grid(self) -> tuple[float, ...]:

@@ -114,7 +114,8 @@ def solve(
             ``"auto"`` (rows for the layers whose train features exceed one worker's
             ``max_memory``, the others a layer per task).
         controls: baselines fitted beside each layer's probe, at the lambda its grid
-            chose, in the same passes: ``"shuffled"`` (each split's labels permuted,
+            chose, in the same passes (with SGD: at every lambda, in the same minibatches,
+            the chosen lambda's reported): ``"shuffled"`` (each split's labels permuted,
             seeded by ``seed``) and / or ``"control"`` (Hewitt & Liang's control task: each
             item, or each token type of a token store with a ``"token"`` label set, a
             random class drawn from the train class distribution). The table gets

@@ -184,7 +184,8 @@ def test_a_control_task_maps_each_type_to_one_class():
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    (dict(controls=["shuffled"], solver="sgd"), "solver='lbfgs'"),
+    (dict(controls=["shuffled"], refit=True, solver="sgd"), "refits on train \\+ valid are"),
+    (dict(shots=[2], solver="ridge"), "solver='lbfgs'"),
     (dict(controls=["random"]), "controls must be some of"),
     (dict(mdl_blocks=(50.0, 10.0, 100.0)), "mdl_blocks must be increasing"),
     (dict(class_weight="auto"), "class_weight must be"),
@@ -282,6 +283,35 @@ def test_sgd_repeats_report_the_spread_over_seeds():
         assert t.loc[split, "top1_error_seed_mean"] == pytest.approx(np.mean(errors))
         assert t.loc[split, "top1_error_seed_std"] == pytest.approx(np.std(errors, ddof=1))
     assert len({a.loc["test", "top1_error"] for a in alone}) > 1  # the seeds do differ
+
+
+def test_sgd_controls_ride_the_probes_minibatches_and_equal_a_control_probe_alone():
+    # SGD's controls: probes at every lambda on the control's labels, in the same
+    # minibatches and GEMMs, each stopped on its own task's valid error; the layer's chosen
+    # lambda's is reported, and is the probe SGD fits alone on those labels
+    feats, labels = _splits(seed=12)
+    kw = dict(solver="sgd", epochs=4, patience=2, batch_size=32, lr=0.05, seed=3,
+              dtype="float64")
+    res = solve(feats, labels=labels, l2=[1e-4, 1e-2], controls=["shuffled", "control"], **kw)
+    plain = solve(feats, labels=labels, l2=[1e-4, 1e-2], **kw)
+    t, t0 = res.table.set_index(["layer", "split"]), plain.table.set_index(["layer", "split"])
+    for col in ("l2", "iterations", "top1_error"):  # the probes beside them: unchanged
+        np.testing.assert_array_equal(t[col], t0[col], err_msg=col)
+    np.testing.assert_allclose(t.loss, t0.loss, rtol=1e-12)
+    tasks = _tasks.plan({s: torch.from_numpy(y) for s, y in labels.items()}, 4,
+                        controls=["shuffled", "control"], mdl_blocks=None, class_weight=None,
+                        seed=3)
+    for task in tasks.tasks:
+        for layer in ("a", "b"):
+            lam = t.loc[(layer, "test"), "l2"]
+            alone = solve({s: {layer: f[layer]} for s, f in feats.items()},
+                          labels={s: y.numpy() for s, y in task.labels.items()}, l2=lam,
+                          **kw).table.set_index("split")
+            for split in ("train", "valid", "test"):
+                assert t.loc[(layer, split), f"{task.name}_top1_error"] == pytest.approx(
+                    alone.loc[split, "top1_error"], abs=1e-12), (task.name, layer, split)
+    assert (t.loc[(slice(None), "test"), "shuffled_top1_error"] > 0.5).all()  # chance: 0.75
+    np.testing.assert_allclose(t.selectivity, t.shuffled_top1_error - t.top1_error)
 
 
 @pytest.mark.parametrize("group", [False, True])
