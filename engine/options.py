@@ -504,9 +504,9 @@ class SolveOptions(Options):
                 "far from the optimum (gradient entries near 1e-3). Use dtype='tf32' for "
                 "fast L-BFGS products on CUDA, or solver='sgd' with dtype='bfloat16'")
         if self.solver == "ridge" and self.tasks:
-            raise InvalidArgumentError(f"{self.task_words()} are fitted by L-BFGS (controls "
-                                       f"by SGD too), beside each layer's probe: use "
-                                       f"solver='lbfgs'")
+            raise InvalidArgumentError(f"{self.task_words()} are fitted beside each layer's "
+                                       f"probe by L-BFGS (controls by SGD too), not by "
+                                       f"ridge: use solver='lbfgs'")
         # SGD fits controls beside the grid's probes; the rest needs L-BFGS's exact optimum
         # at one lambda (MDL, refit) or its weights (class weights, few-shot draws)
         lbfgs_only = [w for w in self.asked_tasks() if w != "controls"]
