@@ -140,11 +140,18 @@ class FeatureCache:
         todo = [(s, layer) for s in splits for layer in layers if not self._placed(s, layer)]
         if not todo:
             return
+        if self._reserve == 0 and self._stored_bytes(todo) > self._left:
+            self._hold_back(todo)  # something will stream: keep room for its blocks
+        elif self._reserve == 0:
+            rest = [(s, layer) for s in self.data.splits for layer in self.data.layers
+                    if not self._placed(s, layer)]
+            if self._stored_bytes(rest) > self._left:
+                # a later load will stream (SGD places each layer as it finishes): keep
+                # room for its blocks now, beside this load, while there is some
+                self._hold_back(rest, room=self._left - self._stored_bytes(todo))
         wide = sum(self.data.rows(s) * self.data.dims[layer] for s, layer in todo)
         # upcast only when everything fits upcast: a budget is spent on rows, not precision
         self._upcast = wide * _size(self.dtype) <= self._left
-        if self._reserve == 0 and self._stored_bytes(todo) > self._left:
-            self._hold_back(todo)  # something will stream: keep room for its blocks
         for split in splits:
             mine = [layer for s, layer in todo if s == split]
             for group in width_groups({layer: self.data.dims[layer] for layer in mine}):
@@ -255,11 +262,12 @@ class FeatureCache:
                 f"{self.budget - self._left + need((split, widest)):,} bytes")
         return widest
 
-    def _hold_back(self, todo: list[tuple[str, str]]) -> None:
-        """Keep room for the stream blocks of the widest layer that may stream."""
+    def _hold_back(self, todo: list[tuple[str, str]], room: int | None = None) -> None:
+        """Keep room for the stream blocks of the widest layer of ``todo`` that may stream:
+        as many rows as ``room`` (default: all that is left) holds, at least one chunk."""
         widest = self._one_block(todo)
         return_freed_memory()
-        rows = self._stream_rows(widest, self._left)
+        rows = self._stream_rows(widest, self._left if room is None else room)
         self._reserve = rows * self._row_bytes(widest)
         self._left -= self._reserve
 

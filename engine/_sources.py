@@ -275,10 +275,14 @@ def _checked_multilabel(reader, dims, labels, layers, info, block_rows, stored
 
 
 def _check_finite(x: torch.Tensor, layer: str, split: str, offset: int = 0) -> None:
+    """NonFiniteError naming the first row of ``x`` (rows from ``offset``) that holds a
+    NaN or an inf. Every read of a solve is checked: min and max carry a NaN or an inf,
+    exactly and at the speed of one pass in the stored dtype (a float64 sum of float16
+    features took a third of an SGD epoch)."""
     step = 1 << 16
     for r0 in range(0, x.shape[0], step):
         block = x[r0 : r0 + step]
-        if math.isfinite(float(block.sum(dtype=torch.float64))):
+        if block.numel() == 0 or all(math.isfinite(float(v)) for v in torch.aminmax(block)):
             continue
         row = offset + r0 + int((~torch.isfinite(block.float())).any(dim=1).nonzero()[0])
         raise NonFiniteError(f"layer {layer!r}, split {split!r}, row {row}: the features hold "

@@ -92,6 +92,28 @@ def test_streamed_passes_equal_resident_ones(base_store):
         assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error)
 
 
+def test_layers_placed_one_at_a_time_keep_room_to_stream_the_last(base_store):
+    # SGD places each layer as it finishes: the first loads must leave room for the stream
+    # blocks of a later one that does not fit, not spend the budget and refuse it
+    data = ProbeData.from_store(base_store, None, "y", False)
+    one = FeatureCache(data, torch.device("cpu"), torch.float32)
+    one.load(["train", "valid", "test"], ["0"])
+    layer_bytes = (one._resident[("train", "0")].nbytes + one._resident[("valid", "0")].nbytes
+                   + one._resident[("test", "0")].nbytes)  # each layer is 40 wide: the same
+    cache = FeatureCache(data, torch.device("cpu"), torch.float32,
+                         budget=layer_bytes + 30_000)  # one layer, and less than another
+    for layer in data.layers:
+        cache.load(["train", "valid", "test"], [layer])
+    assert not cache.streamed("train", "0") and cache.streamed("train", "2")
+    assert cache._left >= 0  # nothing placed beyond the budget
+    gen = torch.Generator().manual_seed(1)
+    points = [Point("2", 1e-3, 0.1 * torch.randn(41, 5, generator=gen))]
+    full = FeatureCache(data, torch.device("cpu"), torch.float32)
+    (want,) = ProbeObjective(full).evaluate("train", points, grad=True)
+    (got,) = ProbeObjective(cache).evaluate("train", points, grad=True)
+    assert got.objective == pytest.approx(want.objective, rel=1e-6)
+
+
 def test_an_out_of_core_solve_reaches_the_in_memory_and_sklearn_optimum(store):
     kw = {"layers": ["2"], "l2": L2, "tol": 1e-6, "device": "cpu", "progress": False}
     memory = engine.solve(store, run="memory", **kw)
