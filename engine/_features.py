@@ -49,9 +49,20 @@ STREAM_BLOCK_BYTES = 32 << 20
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory of ``device`` in bytes (the host's available RAM for the CPU)."""
+    """Free memory of ``device`` in bytes: for the CPU the host's available RAM, Linux's
+    ``MemAvailable`` (free pages and the page cache the kernel can drop). Free pages alone
+    (``SC_AVPHYS_PAGES``) shrink as a store just written fills the page cache: after the
+    full demo, 7 GB free of 23 GB available, and its baselines solve kept float16 features
+    instead of float32 (78 s against 53 s)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - non-POSIX
