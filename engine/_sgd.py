@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,21 +107,36 @@ def _epoch(objective: ProbeObjective, states: dict[str, _Layer], live: list[str]
     """One pass over the train rows: blocks in a shuffled order, rows shuffled within each."""
     data, dev = objective.features.data, objective.device
     bs = options.batch_size
-    for bi in sched.rng.permutation(len(sched.blocks)):
+    order = sched.rng.permutation(len(sched.blocks))
+    pin = dev.type == "cuda"
+
+    def read(bi: int) -> dict[str, torch.Tensor]:
         r0, r1 = sched.blocks[bi]
-        perm = torch.from_numpy(sched.rng.permutation(r1 - r0)).to(dev)
-        xs = {layer: data.read("train", layer, r0, r1).to(dev)[perm] for layer in live}
-        yb = y_all[:, r0:r1][:, perm]
-        for m0 in range(0, r1 - r0, bs):
-            sched.step += 1
-            y_mb = yb[:, m0 : m0 + bs]
-            for layer in live:
-                st = states[layer]
-                grad = objective.minibatch_gradient(xs[layer][m0 : m0 + bs], y_mb, st.theta,
-                                                    l2)
-                if any(st.stopped):  # stopped probes get no gradient
-                    grad.masked_fill_(st.frozen, 0.0)
-                _adam(st.theta, grad, st.m, st.v, options.lr, sched.step)
+        return {layer: (x.pin_memory() if pin else x) for layer, x in
+                ((layer, data.read("train", layer, r0, r1)) for layer in live)}
+
+    # the next block is read (decompressed, checked) on a thread while this one trains
+    with ThreadPoolExecutor(1, thread_name_prefix="probe-engine-read") as pool:
+        ahead = pool.submit(read, order[0]) if len(order) else None
+        for i, bi in enumerate(order):
+            raw = ahead.result()
+            if i + 1 < len(order):
+                ahead = pool.submit(read, order[i + 1])
+            r0, r1 = sched.blocks[bi]
+            perm = torch.from_numpy(sched.rng.permutation(r1 - r0)).to(dev)
+            xs = {layer: x.to(dev, non_blocking=True)[perm] for layer, x in raw.items()}
+            del raw
+            yb = y_all[:, r0:r1][:, perm]
+            for m0 in range(0, r1 - r0, bs):
+                sched.step += 1
+                y_mb = yb[:, m0 : m0 + bs]
+                for layer in live:
+                    st = states[layer]
+                    grad = objective.minibatch_gradient(xs[layer][m0 : m0 + bs], y_mb,
+                                                        st.theta, l2)
+                    if any(st.stopped):  # stopped probes get no gradient
+                        grad.masked_fill_(st.frozen, 0.0)
+                    _adam(st.theta, grad, st.m, st.v, options.lr, sched.step)
 
 
 def _end_of_epoch(objective: ProbeObjective, layer: str, st: _Layer,
