@@ -50,12 +50,19 @@ STREAM_BLOCK_BYTES = 32 << 20
 
 def free_bytes(device: torch.device) -> int:
     """Free memory of ``device`` in bytes: for the CPU the host's available RAM, Linux's
-    ``MemAvailable`` (free pages and the page cache the kernel can drop). Free pages alone
-    (``SC_AVPHYS_PAGES``) shrink as a store just written fills the page cache: after the
-    full demo, 7 GB free of 23 GB available, and its baselines solve kept float16 features
-    instead of float32 (78 s against 53 s)."""
+    ``MemAvailable`` (free pages and the page cache the kernel can drop), or what the
+    process's memory cgroup still allows when that is less (:func:`cgroup_free`). Free
+    pages alone (``SC_AVPHYS_PAGES``) shrink as a store just written fills the page cache:
+    after the full demo, 7 GB free of 23 GB available, and its baselines solve kept float16
+    features instead of float32 (78 s against 53 s)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    host = _host_available()
+    allowed = cgroup_free()
+    return host if allowed is None else min(host, allowed)
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -67,6 +74,43 @@ def free_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):  # pragma: no cover - non-POSIX
         return 4 << 30
+
+
+def cgroup_free(root: str = "/sys/fs/cgroup", cgroup: str = "/proc/self/cgroup"
+                ) -> int | None:
+    """Bytes this process's memory cgroup still allows (a container's or a batch job's
+    limit, v2 or v1): the limit less the usage, plus the inactive file cache the kernel
+    reclaims before it kills; None without a limit (or off Linux). The host's
+    ``MemAvailable`` does not see such a limit, and a budget above it ends in the OOM
+    killer."""
+    try:
+        with open(cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified tree
+            where, files = os.path.join(root, path.lstrip("/")), (
+                "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            where, files = os.path.join(root, "memory", path.lstrip("/")), (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        try:
+            with open(os.path.join(where, files[0])) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as ~2^63
+                continue
+            with open(os.path.join(where, files[1])) as f:
+                usage = int(f.read())
+            with open(os.path.join(where, "memory.stat")) as f:
+                stat = dict(row.split()[:2] for row in f if row.strip())
+        except (OSError, ValueError):
+            continue
+        return max(0, int(limit) - usage + int(stat.get(files[2], 0)))
+    return None
 
 
 def return_freed_memory() -> None:

@@ -104,6 +104,33 @@ def test_the_cpu_budget_counts_the_page_cache_as_available():
     assert abs(got - available) < 256 << 20 and got >= free - (256 << 20)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_cpu_budget_stays_within_the_memory_cgroup(tmp_path, version):
+    # a container's or a batch job's limit: the host's MemAvailable does not see it
+    from engine._features import cgroup_free
+
+    gib = 1 << 30
+    if version == 2:
+        line, where = "0::/job/7\n", tmp_path / "job" / "7"
+        files = {"memory.max": f"{4 * gib}\n", "memory.current": f"{3 * gib}\n",
+                 "memory.stat": f"anon 1\ninactive_file {gib // 2}\nactive_file 5\n"}
+    else:
+        line, where = "4:memory:/job/7\n3:cpu:/\n", tmp_path / "memory" / "job" / "7"
+        files = {"memory.limit_in_bytes": f"{4 * gib}\n",
+                 "memory.usage_in_bytes": f"{3 * gib}\n",
+                 "memory.stat": f"cache 9\ntotal_inactive_file {gib // 2}\n"}
+    where.mkdir(parents=True)
+    for name, text in files.items():
+        (where / name).write_text(text)
+    (tmp_path / "cgroup").write_text(line)
+    kw = dict(root=str(tmp_path), cgroup=str(tmp_path / "cgroup"))
+    assert cgroup_free(**kw) == gib + gib // 2  # limit - usage + reclaimable cache
+    limit_file = next(iter(files))  # memory.max, memory.limit_in_bytes
+    (where / limit_file).write_text("max\n" if version == 2 else f"{1 << 63}\n")
+    assert cgroup_free(**kw) is None  # no limit: the host's figure stands
+    assert cgroup_free(cgroup=str(tmp_path / "absent")) is None
+
+
 def test_layers_placed_one_at_a_time_keep_room_to_stream_the_last(base_store):
     # SGD places each layer as it finishes: the first loads must leave room for the stream
     # blocks of a later one that does not fit, not spend the budget and refuse it
