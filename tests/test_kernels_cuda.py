@@ -315,14 +315,15 @@ def test_the_solvers_own_calls_run_through_the_kernel(host_kernel):
             assert (v1.top1_error, v1.top5_error) == (v2.top1_error, v2.top5_error)
             if grad:
                 torch.testing.assert_close(v1.gradient, v2.gradient, rtol=1e-5, atol=1e-7)
-    # SGD's minibatch gradient of a layer's probes, with float32 and with bfloat16 products
-    theta = torch.randn(7 + 1, 2, 3, generator=gen)
-    l2 = torch.tensor([1e-3, 1e-1])
+    # SGD's minibatch gradient of a layer's probes, with float32 and with bfloat16 products;
+    # with a control task beside them: two label rows, a kernel call per segment of probes
+    theta = torch.randn(7 + 1, 4, 3, generator=gen)
+    l2 = torch.tensor([1e-3, 1e-1, 1e-3, 1e-1])
     xb = torch.from_numpy(xs["b"][:50])
-    for low in (None, torch.bfloat16):
+    y = data.labels["train"][:50]
+    for low, labels in ((None, y), (torch.bfloat16, y), (None, torch.stack([y, y.flip(0)]))):
         got, want = (ProbeObjective(objectives[name].features, kernel=objectives[name].kernel,
-                                    low=low).minibatch_gradient(xb, data.labels["train"][:50],
-                                                                theta, l2)
+                                    low=low).minibatch_gradient(xb, labels, theta, l2)
                      for name in ("emulated", "reference"))
         assert got.dtype == torch.float32
         tol = dict(rtol=1e-5, atol=1e-7) if low is None else dict(rtol=1e-2, atol=1e-4)
