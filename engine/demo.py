@@ -36,8 +36,9 @@ PROBE = {"full": dict(solver="sgd", l2=[1e-5, 1e-4, 1e-3], epochs=12, patience=3
                       batch_size=256),
          "quick": dict(solver="lbfgs", l2=[1e-4, 1e-3, 1e-2], tol=1e-4, max_iter=300)}
 #: the baselines beside each probe (Hewitt & Liang's control task, Voita & Titov's online
-#: codelength): L-BFGS only, so the quick demo fits them in its probes' own solve, the full
-#: one in a second L-BFGS solve of the first BASELINE_ROWS train rows of the same store
+#: codelength): the quick demo fits them in its probes' own L-BFGS solve, the full one in a
+#: second L-BFGS solve of the first BASELINE_ROWS train rows of the same store (MDL needs
+#: L-BFGS; a control beside its SGD probes made that solve 1.5x as long)
 BASELINES = dict(controls=["control"], mdl=True)
 #: the columns the full demo takes from its baselines solve into the table it reports
 BASELINE_COLUMNS = ["control_top1_error", "selectivity", "codelength", "compression"]
