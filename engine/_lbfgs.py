@@ -307,7 +307,7 @@ def fit(objective: ProbeObjective, layers: Sequence[str], grid: Sequence[float],
             break
         values = objective.evaluate("train", [p.point(p.state.x if p.state.g is None
                                                       else p.state.trial()) for p in active],
-                                    grad=True)
+                                    grad=True, hits=False)
         for p, v in zip(active, values, strict=True):
             st = p.state
             if st.g is None:  # its first point: zero

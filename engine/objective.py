@@ -29,6 +29,8 @@ This module is a documented internal seam: the drivers, the tests and the benchm
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -173,6 +175,8 @@ class ProbeObjective:
         # several classes per row: a sigmoid probe per class (the fused kernel is softmax)
         self.kernel = sigmoid_xent if self.multilabel and not callable(kernel) else \
             kernel_function(kernel)
+        # a kernel that may skip the hit counts says so by taking ``hits`` (the seam's do)
+        self._hits_optional = "hits" in inspect.signature(self.kernel).parameters
         self.block_bytes = block_bytes
         # the K*C logit columns of a full-batch pass padded: MKL's float32 GEMMs with a thin
         # side of 10 (or 60) columns run several times slower than with 16 (or 64)
@@ -243,17 +247,24 @@ class ProbeObjective:
         return torch.baddbmm(b, x, wt.transpose(1, 2))
 
     def softmax_xent(self, z: torch.Tensor, k: int, y: torch.Tensor, scale: float,
-                     grad: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                     grad: bool, hits: bool = True) -> list[tuple[torch.Tensor, ...]]:
         """The kernel on each layer's logits (z (L, B, width), K probes each, seen as
         (K, B, C)): ``(loss sums, top-1 hits, top-5 hits)`` per layer; with ``grad``, dZ
-        (times ``scale``) over the logits in place."""
+        (times ``scale``) over the logits in place. Without ``hits`` the counts may be
+        None."""
         c = self.num_classes
-        out = []
-        for j in range(z.shape[0]):
-            logits = z[j, :, : k * c].view(-1, k, c).transpose(0, 1)  # (K, B, C) view
+        return [self._kernel(z[j, :, : k * c].view(-1, k, c).transpose(0, 1),  # (K, B, C)
+                             y, scale, grad, hits) for j in range(z.shape[0])]
+
+    def _kernel(self, logits: torch.Tensor, y: torch.Tensor, scale: float, grad: bool,
+                hits: bool) -> tuple[torch.Tensor, ...]:
+        """``(loss sums, top-1 hits, top-5 hits)`` of the kernel on (K, B, C) logits; the
+        counts None when not ``hits`` and the kernel can skip them."""
+        if hits or not self._hits_optional:
             _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
-            out.append((loss, top1, top5))
-        return out
+        else:
+            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad, hits=False)
+        return loss, top1, top5
 
     def bias_gradient(self, dz: torch.Tensor) -> torch.Tensor:
         """sum_i dZ_i of each layer's block: (L, width) in the arithmetic dtype."""
@@ -296,23 +307,28 @@ class ProbeObjective:
         """Where the passes read ``layer``'s train features: "resident" or "streamed"."""
         return "streamed" if self.features.streamed("train", layer) else "resident"
 
-    def evaluate(self, split: str, points: Sequence[Point], *, grad: bool) -> list[Value]:
+    def evaluate(self, split: str, points: Sequence[Point], *, grad: bool,
+                 hits: bool = True) -> list[Value]:
         """:class:`Value` of each point on ``split``: one pass over each layer's rows,
         shared by all of the layer's points, and by the layers of a stacked run. A point
-        whose task pools splits (a refit on train + valid) sums a pass over each."""
+        whose task pools splits (a refit on train + valid) sums a pass over each. Without
+        ``hits`` the top-1 / top-5 errors are NaN, not counted (an optimiser's passes: on
+        the CPU the counts cost more than the loss and gradient)."""
         pools: dict[tuple[str, ...], list[int]] = {}
         for i, point in enumerate(points):
             pools.setdefault(self.pool(point.task, split), []).append(i)
         if list(pools) == [(split,)]:
             n = self.rows(split)
-            return self.finish(points, self.partials(split, points, grad=grad, n=n), n, split)
+            return self.finish(points, self.partials(split, points, grad=grad, n=n,
+                                                     hits=hits), n, split)
         out: list = [None] * len(points)
         for pool, at in pools.items():
             pts = [points[i] for i in at]
             n = sum(self.rows(s) for s in pool)
             sums = None
             for s in pool:
-                part = self.partials(s, pts, grad=grad, n=n, pooled=len(pool) > 1)
+                part = self.partials(s, pts, grad=grad, n=n, pooled=len(pool) > 1,
+                                     hits=hits)
                 sums = part if sums is None else [Partial(
                     a.loss + b.loss, a.top1 + b.top1, a.top5 + b.top5,
                     None if a.gradient is None else a.gradient + b.gradient)
@@ -323,7 +339,7 @@ class ProbeObjective:
         return out
 
     def partials(self, split: str, points: Sequence[Point], *, grad: bool, n: int,
-                 pooled: bool = False) -> list[Partial]:
+                 pooled: bool = False, hits: bool = True) -> list[Partial]:
         """:class:`Partial` sums of each point over this objective's rows of ``split``,
         gradients scaled by 1 / ``n`` (``n``: the rows of the whole split, of which these
         may be a shard): sums over shards add up to the whole split's."""
@@ -336,7 +352,7 @@ class ProbeObjective:
             at.sort(key=lambda i: (self.sparse_rows(points[i].task, split) is not None,
                                    points[i].task))
         for run in self.features.runs(split, by_layer):
-            self._run_partials(split, run, by_layer, points, out, grad, n, pooled)
+            self._run_partials(split, run, by_layer, points, out, grad, n, pooled, hits)
         return out
 
     @staticmethod
@@ -369,15 +385,14 @@ class ProbeObjective:
         return self._sparse[key]
 
     def _xent(self, z: torch.Tensor, m: int, y: torch.Tensor, weights: torch.Tensor | None,
-              scale: float, grad: bool) -> tuple[torch.Tensor, ...]:
+              scale: float, grad: bool, hits: bool = True) -> tuple[torch.Tensor, ...]:
         """The kernel on the first ``m`` probes' logits of z (B, >= m*C), rows labelled y
         (B,) with row weights (B,) or None: loss sums, top-1 and top-5 hits, each (m,);
         with ``grad``, dZ over those logits."""
         c, rows = self.num_classes, z.shape[0]
         logits = z[:, : m * c].view(rows, m, c).transpose(0, 1)  # (m, B, C) view
         if weights is None:
-            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
-            return loss, top1, top5
+            return self._kernel(logits, y, scale, grad, hits)
         return weighted_softmax_xent(logits, y, weights, scale, grad)
 
     def _scale(self, task: str, split: str, n: int, pooled: bool) -> float:
@@ -386,7 +401,7 @@ class ProbeObjective:
 
     def _run_partials(self, split: str, run: list[str], by_layer: dict[str, list[int]],
                       points: Sequence[Point], out: list, grad: bool, n: int,
-                      pooled: bool = False) -> None:
+                      pooled: bool = False, hits: bool = True) -> None:
         """One pass of a run's layers over the rows of ``split``: the probes of tasks over
         every row share the logit GEMMs of each block (their columns first, see
         :meth:`partials`); each sparse task's probes take its rows of the block alone."""
@@ -431,8 +446,9 @@ class ProbeObjective:
 
         def add(j: int, first: int, m: int, sums: tuple[torch.Tensor, ...]) -> None:
             loss[j, first : first + m] += sums[0].double()
-            top1[j, first : first + m] += sums[1]
-            top5[j, first : first + m] += sums[2]
+            if hits:
+                top1[j, first : first + m] += sums[1]
+                top5[j, first : first + m] += sums[2]
 
         rows = max(256, self.block_bytes // (nl * width * wt.element_size()))
         for r0, xb in self.features.blocks(split, run, rows):  # xb (L, B, D)
@@ -441,7 +457,7 @@ class ProbeObjective:
                 z = self.logits(xb, wt_d, b_d)  # (L, B, wd)
                 if plain:
                     for j, sums in enumerate(self.softmax_xent(z, k, y[r0 : r0 + nb], 1.0 / n,
-                                                               grad)):
+                                                               grad, hits)):
                         add(j, 0, k, sums)
                 for j, segs in enumerate(dense if not plain else ()):
                     for task, first, m in segs:
@@ -451,7 +467,7 @@ class ProbeObjective:
                             z[j, :, first * c :], m,
                             self.task_labels(task, split)[r0 : r0 + nb],
                             None if w is None else w[r0 : r0 + nb],
-                            self._scale(task, split, n, pooled), grad))
+                            self._scale(task, split, n, pooled), grad, hits))
                 if grad:  # z now holds dZ in each layer's dense columns; a column of X^T dZ
                     # reads only its own, so the others (padding, sparse tasks) are not zeroed
                     if nl == 1:
@@ -469,10 +485,12 @@ class ProbeObjective:
                 add(p.layer, first, m, self._xent(
                     zs, m, p.rows.labels[lo:hi],
                     None if p.rows.weights is None else p.rows.weights[lo:hi],
-                    self._scale(task, split, n, pooled), grad))
+                    self._scale(task, split, n, pooled), grad, hits))
                 if grad:  # its padding columns' sums are never read, as above
                     p.gw.addmm_(xs.T, zs)
                     p.gb.add_(zs.sum(dim=0, dtype=self.dtype))
+        if not hits:  # not counted: NaN, never a count of zero
+            top1.fill_(math.nan), top5.fill_(math.nan)
         loss, top1, top5 = loss.tolist(), top1.tolist(), top5.tolist()
         for j, layer in enumerate(run):
             dj, g = thetas[j].shape[0] - 1, None
@@ -616,21 +634,25 @@ def weighted_softmax_xent(logits: torch.Tensor, labels: torch.Tensor, weights: t
 
 
 def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1.0,
-                 grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor,
-                                             torch.Tensor]:
+                 grad: bool = True, hits: bool = True
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                            torch.Tensor | None]:
     """The multi-label kernel (a sigmoid probe per class, the softmax kernel's signature):
     logits (K, B, C), labels (B, C) of 0 / 1. Loss: the binary cross-entropies summed over
     classes, ``softplus(z) - y z``; gradient ``(sigmoid(z) - y) * scale`` (over the logits
     when ``grad``). A "top-1 hit" is a row whose highest-scored class is one of its
-    positives (one minus the one-error); a top-5 hit, one among its five highest."""
+    positives (one minus the one-error); a top-5 hit, one among its five highest; not
+    counted (None) without ``hits``."""
     k, b, c = logits.shape
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     y = labels.to(z.dtype).unsqueeze(0)  # (1, B, C)
     loss = (F.softplus(z) - y * z).sum(dim=(1, 2), dtype=torch.float64)
-    top = z.topk(min(5, c), dim=2).indices  # (K, B, 5)
-    hits = y.expand(k, b, c).gather(2, top) > 0
-    top1 = hits[:, :, 0].sum(dim=1)
-    top5 = hits.any(dim=2).sum(dim=1)
+    top1 = top5 = None
+    if hits:
+        top = z.topk(min(5, c), dim=2).indices  # (K, B, 5)
+        found = y.expand(k, b, c).gather(2, top) > 0
+        top1 = found[:, :, 0].sum(dim=1)
+        top5 = found.any(dim=2).sum(dim=1)
     if not grad:
         return None, loss, top1, top5
     g = torch.sigmoid(z).sub_(y).mul_(scale)

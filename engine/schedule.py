@@ -168,7 +168,7 @@ def _shard_objective(shard: _Shard) -> ProbeObjective:
 
 
 def _pass_task(shard: _Shard, points: list[tuple[str, float, Any, str]], grad: bool, n: int,
-               pooled: bool) -> list[tuple]:
+               pooled: bool, hits: bool = True) -> list[tuple]:
     """On a worker: the partial sums of ``points`` ((layer, l2, theta as numpy, task)) over
     the shard's rows, gradients scaled by 1 / ``n``; numpy out."""
     _worker_threads()
@@ -177,7 +177,8 @@ def _pass_task(shard: _Shard, points: list[tuple[str, float, Any, str]], grad: b
     pts = [Point(layer, l2, torch.from_numpy(theta).to(dev), task)
            for layer, l2, theta, task in points]
     return [(p.loss, p.top1, p.top5, None if p.gradient is None else p.gradient.cpu().numpy())
-            for p in objective.partials(shard.split, pts, grad=grad, n=n, pooled=pooled)]
+            for p in objective.partials(shard.split, pts, grad=grad, n=n, pooled=pooled,
+                                        hits=hits)]
 
 
 def _outputs_task(shard: _Shard, layer: str, l2: float, theta: Any, task: str
@@ -270,11 +271,11 @@ class RowShardObjective(ProbeObjective):
                       "solve again to finish")
         return self.client.gather(list(futures.values()))
 
-    def partials(self, split: str, points, *, grad: bool, n: int, pooled: bool = False
-                 ) -> list[Partial]:
+    def partials(self, split: str, points, *, grad: bool, n: int, pooled: bool = False,
+                 hits: bool = True) -> list[Partial]:
         payload = [(p.layer, p.l2, p.theta.cpu().numpy(), p.task) for p in points]
         out = None
-        for part in self._map(split, _pass_task, payload, grad, n, pooled):  # in shard order
+        for part in self._map(split, _pass_task, payload, grad, n, pooled, hits):  # in order
             if out is None:
                 out = [[loss, t1, t5, None if g is None else torch.from_numpy(g)]
                        for loss, t1, t5, g in part]

@@ -20,7 +20,8 @@ def softmax_xent(
     scale: float = 1.0,
     grad: bool = True,
     ignore_index: int = -1,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One pass over the logits of K probes sharing their labels.
 
     Args:
@@ -30,6 +31,8 @@ def softmax_xent(
         labels: (B,) int64 class indices in [0, C); rows labelled ``ignore_index`` count for
             nothing (no loss, no hit, zero gradient).
         scale: the gradient is ``(softmax(logits) - onehot(labels)) * scale``.
+        hits: count the top-1 / top-5 hits; without, both are None (an optimiser's passes
+            need only the loss and gradient, and here the counts cost more than both).
 
     Returns:
         ``(grad or None, loss_sum (K,), top1_hits (K,) int64, top5_hits (K,) int64)``, the
@@ -46,22 +49,33 @@ def softmax_xent(
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     keep = labels != ignore_index
     y = torch.where(keep, labels, 0)
-    m = z.amax(dim=2, keepdim=True)
-    lse = (z - m).exp_().sum(dim=2, keepdim=True).log_().add_(m)  # (K, B, 1)
-    picked = z.gather(2, y.view(1, b, 1).expand(k, b, 1))  # (K, B, 1)
-    loss = (lse - picked).squeeze(2).masked_fill_(~keep, 0.0).sum(dim=1)
-    top1 = (z.argmax(dim=2) == y).logical_and_(keep).sum(dim=1)
-    if c > 5:
-        rank = (z > picked).sum(dim=2)  # classes strictly above the true one
-        top5 = (rank < 5).logical_and_(keep).sum(dim=1)
+    at = y.view(1, b, 1).expand(k, b, 1)
+    picked = z.gather(2, at)  # (K, B, 1)
+    # one read gives the row max and the first index of it (argmax's tie rule); a bool
+    # summed as uint8 counts about 1.7x faster than as bool: every pass reads K x B x C
+    if hits:
+        m, top = z.max(dim=2, keepdim=True)
+        top1 = (top.squeeze(2) == y).logical_and_(keep).sum(dim=1)
+        if c > 5:
+            rank = torch.gt(z, picked).view(torch.uint8).sum(dim=2, dtype=torch.int32)
+            top5 = (rank < 5).logical_and_(keep).sum(dim=1)  # < 5 classes strictly above
+        else:
+            top5 = keep.sum().expand(k).clone()
     else:
-        top5 = keep.sum().expand(k).clone()
+        m, top1, top5 = z.amax(dim=2, keepdim=True), None, None
     if not grad:
+        lse = (z - m).exp_().sum(dim=2, keepdim=True).log_().add_(m)
+        loss = (lse - picked).squeeze(2).masked_fill_(~keep, 0.0).sum(dim=1)
         return None, loss, top1, top5
-    g = z.sub_(lse).exp_() if z.data_ptr() == logits.data_ptr() else (z - lse).exp_()
-    g.scatter_add_(2, y.view(1, b, 1).expand(k, b, 1),
-                   torch.full((k, b, 1), -1.0, dtype=g.dtype, device=g.device))
-    g.mul_(keep.view(1, b, 1).to(g.dtype) * scale)
+    # exp once, over the logits themselves (no K x B x C temporary), normalised by its row
+    # sum: each row of the gradient then sums to zero to rounding, which exp(z - lse) with
+    # lse rounded does not (a bias of the order of lse's rounding in every entry)
+    e = z.sub_(m).exp_() if z.data_ptr() == logits.data_ptr() else (z - m).exp_()
+    s = e.sum(dim=2, keepdim=True)
+    loss = s.log().add_(m).sub_(picked).squeeze(2).masked_fill_(~keep, 0.0).sum(dim=1)
+    w = keep.view(1, b, 1).to(e.dtype) * scale  # (1, B, 1): ignored rows weigh nothing
+    g = e.mul_(w / s)
+    g.scatter_add_(2, at, (-w).expand(k, b, 1))
     if g.data_ptr() != logits.data_ptr():
         logits.copy_(g)
         g = logits

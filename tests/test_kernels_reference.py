@@ -211,3 +211,24 @@ def test_gradcheck():
         _, loss, _, _ = softmax_xent(logits.detach().clone(), labels, grad=False)
         value = _SoftmaxXent.apply(logits, labels).detach()
         assert float(loss.sum()) == pytest.approx(float(value), rel=1e-6)
+
+
+def test_without_hits_the_counts_are_skipped_and_nothing_else_changes():
+    logits, labels = _problem(3, 64, 1000, torch.float32)
+    labels[::5] = -1
+    g_all, loss_all, top1, top5 = softmax_xent(logits.clone(), labels, scale=0.1)
+    g, loss, none1, none5 = softmax_xent(logits.clone(), labels, scale=0.1, hits=False)
+    assert none1 is None and none5 is None
+    torch.testing.assert_close(loss, loss_all, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_all, rtol=0, atol=0)
+    want1, want5 = _hits(logits, labels)
+    assert torch.equal(top1, want1) and torch.equal(top5, want5)
+
+
+def test_each_row_of_the_gradient_sums_to_zero_to_float32_rounding():
+    # wide logits make the log-sum-exp large: a gradient taken as exp(z - lse) inherits
+    # lse's rounding in every entry, and its rows drift off zero by about C of those
+    logits, labels = _problem(2, 256, 1000, torch.float32, spread=30.0)
+    logits += 200.0
+    g, *_ = softmax_xent(logits, labels, scale=1.0)
+    assert float(g.double().sum(dim=2).abs().max()) < 1e-6  # exp(z - lse): 1.5e-5

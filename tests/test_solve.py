@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -33,6 +34,7 @@ import engine
 from engine import _fit
 from engine._features import FeatureCache, width_groups
 from engine._sources import ProbeData
+from engine.kernels.reference import softmax_xent as reference_softmax_xent
 from engine.objective import Point, ProbeObjective
 from engine.options import DEFAULT_L2_GRID, SolveOptions
 
@@ -440,6 +442,30 @@ def test_solver_gradient_equals_autograd(probe_objective):
     assert v.loss == pytest.approx(float(_autograd_objective(x, yt, point.theta, 0.0)[0]),
                                    rel=1e-12)
     assert v.objective == out[2].objective
+
+
+@pytest.mark.parametrize("kernel", ["torch", "emulated"])
+def test_passes_without_hits_keep_the_objective_and_gradient_and_count_nothing(
+        probe_objective, kernel):
+    # an optimiser's passes skip the hit counts; a kernel without ``hits`` (the tests'
+    # host-emulated ones) counts them anyway, and they are dropped all the same
+    obj, feats, y = probe_objective
+    if kernel == "emulated":
+        def plain(logits, labels, *, scale=1.0, grad=True):
+            return reference_softmax_xent(logits, labels, scale=scale, grad=grad)
+
+        obj = ProbeObjective(obj.features, kernel=plain, block_bytes=1)
+    gen = torch.Generator().manual_seed(3)
+    points = [Point(layer, lam, torch.randn(feats[layer].shape[1] + 1, 7, dtype=torch.float64,
+                                            generator=gen))
+              for layer, lam in (("a", 0.1), ("b", 1e-3))]
+    want = obj.evaluate("train", points, grad=True)
+    got = obj.evaluate("train", points, grad=True, hits=False)
+    for g, w in zip(got, want, strict=True):
+        assert g.objective == w.objective and g.loss == w.loss
+        torch.testing.assert_close(g.gradient, w.gradient, rtol=0, atol=0)
+        assert math.isnan(g.top1_error) and math.isnan(g.top5_error)
+        assert 0.0 < w.top1_error < 1.0
 
 
 class _ProbeObjective(torch.autograd.Function):
