@@ -11,7 +11,12 @@ solve costs about as many passes as its slowest probe needs evaluations (a pass 
 shards on Dask workers is a round trip, and an out-of-core pass a read of the store).
 
 The line search follows Nocedal & Wright, *Numerical Optimization* (2nd ed.), algorithms 3.5
-(bracketing) and 3.6 (zoom), with safeguarded cubic interpolation.
+(bracketing) and 3.6 (zoom), with safeguarded cubic interpolation. Near the optimum a step's
+decrease of the objective falls below the rounding of its float32 sums, and the Armijo test
+reads noise (a search then spent up to MAX_EVALS passes on it); there the search also
+accepts Hager & Zhang's approximate Wolfe point (SIAM J. Optim. 16(1), 2005): the objective
+within rounding of the start and the directional derivative showing the decrease, which for
+a quadratic is the Armijo test read off the derivatives.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .options import LBFGSOptions
 __all__ = ["LBFGSState", "WolfeSearch", "fit"]
 
 C1, C2 = 1e-4, 0.9  # sufficient decrease, curvature (strong Wolfe)
+DELTA = 0.1  # approximate Wolfe: g.d at the step <= (2 DELTA - 1) g.d at the start (Hager-Zhang)
+F_ROUNDING = 1e-6  # relative: objective changes below it are taken as rounding, not signal
 MAX_EVALS = 25  # per line search
 
 
@@ -47,6 +54,18 @@ def _cubic_min(a: float, fa: float, ga: float, b: float, fb: float, gb: float) -
     if sq >= 0:
         d2 = math.copysign(math.sqrt(sq), b - a)
         t = b - (b - a) * ((gb + d2 - d1) / (gb - ga + 2 * d2))
+        if math.isfinite(t):
+            margin = 0.1 * (hi - lo)
+            return min(max(t, lo + margin), hi - margin)
+    return (lo + hi) / 2
+
+
+def _secant_zero(a: float, ga: float, b: float, gb: float) -> float:
+    """Zero of the line through (a, ga) and (b, gb), kept inside [a, b] and away from its
+    ends; bisection when the derivatives do not differ."""
+    lo, hi = min(a, b), max(a, b)
+    if gb != ga:
+        t = a - ga * (b - a) / (gb - ga)
         if math.isfinite(t):
             margin = 0.1 * (hi - lo)
             return min(max(t, lo + margin), hi - margin)
@@ -75,6 +94,7 @@ class WolfeSearch:
         self.best: _Point | None = None  # the lowest point seen, for a failed search
         self.accepted: _Point | None = None
         self.gave_up = False  # accepted the lowest point without the Wolfe conditions
+        self.approximate = False  # accepted an approximate Wolfe point (f at its rounding)
 
     def propose(self) -> float:
         return self.alpha
@@ -87,6 +107,8 @@ class WolfeSearch:
         f0, gd0 = self.start.f, self.start.gd
         armijo = math.isfinite(f) and f <= f0 + C1 * pt.alpha * gd0
         curvature = abs(gd) <= -C2 * gd0
+        if math.isfinite(f) and abs(f - f0) <= F_ROUNDING * abs(f0):
+            return self._by_derivative(pt, armijo, curvature)
         if self.lo is None:  # bracketing
             if not armijo or (self.evals > 1 and f >= self.prev.f):
                 self.lo, self.hi = self.prev, pt
@@ -109,13 +131,42 @@ class WolfeSearch:
                 if gd * (self.hi.alpha - self.lo.alpha) >= 0:
                     self.hi = self.lo
                 self.lo = pt
+        return self._next_in_bracket()
+
+    def _by_derivative(self, pt: _Point, armijo: bool, curvature: bool) -> str:
+        """A point whose f is within rounding of the start's: f cannot rank it, so its
+        directional derivative does. It is accepted when it meets the curvature condition
+        and approximate Wolfe's ``g.d <= (2 DELTA - 1) g0.d`` (Armijo's test read off the
+        derivatives, exact for a quadratic); else it extends the bracket (still
+        descending) or bounds it (past the minimum along d)."""
+        gd0 = self.start.gd
+        if curvature and pt.gd <= (2 * DELTA - 1) * gd0:
+            self.accepted, self.approximate = pt, not armijo
+            return "accept"
+        if self.lo is None:
+            if pt.gd < 0:
+                self.prev = pt
+                self.alpha = pt.alpha * 2.0
+                return self._budget()
+            self.lo, self.hi = self.prev, pt
+        elif pt.gd * (self.hi.alpha - pt.alpha) < 0:  # the minimum lies towards hi
+            self.lo = pt
+        else:
+            self.hi = pt
+        return self._next_in_bracket()
+
+    def _next_in_bracket(self) -> str:
+        """The next trial inside [lo, hi]: the cubic's minimiser, or where f cannot tell
+        the two ends apart, the secant's zero of the directional derivative."""
         lo, hi = self.lo, self.hi
         if abs(hi.alpha - lo.alpha) * 1e6 < max(lo.alpha, hi.alpha, 1e-30):
             return self._give_up()
-        if math.isfinite(hi.f):
-            self.alpha = _cubic_min(lo.alpha, lo.f, lo.gd, hi.alpha, hi.f, hi.gd)
-        else:
+        if not math.isfinite(hi.f):
             self.alpha = (lo.alpha + hi.alpha) / 2
+        elif abs(hi.f - lo.f) <= F_ROUNDING * abs(self.start.f):
+            self.alpha = _secant_zero(lo.alpha, lo.gd, hi.alpha, hi.gd)
+        else:
+            self.alpha = _cubic_min(lo.alpha, lo.f, lo.gd, hi.alpha, hi.f, hi.gd)
         return self._budget()
 
     def _budget(self) -> str:
@@ -199,16 +250,21 @@ class LBFGSState:
             if len(self.s) == self.history:
                 self.s.popleft(), self.y.popleft(), self.rho.popleft()
             self.s.append(step), self.y.append(y), self.rho.append(1.0 / ys)
-        f_old = self.f
+        f_old, gmax_old = self.f, float(self.g.abs().max())
         self.x = self.x + step
         self.f, self.g = point.f, point.g
         self.iterations += 1
-        gave_up = self.search.gave_up
+        gave_up, approximate = self.search.gave_up, self.search.approximate
         self.search = None
-        if float(self.g.abs().max()) <= tol:
+        gmax = float(self.g.abs().max())
+        if gmax <= tol:
             self.done, self.converged, self.reason = True, True, "gradient below tol"
         elif abs(f_old - self.f) <= 1e-12 * max(abs(f_old), abs(self.f), 1.0):
             self._stall(True, "objective stopped changing")
+        elif approximate and gmax >= gmax_old:  # f is rounding, and the gradient, which
+            # let the step through, did not shrink: it too may be at its precision
+            self._stall(gmax <= 10 * tol, "objective at its rounding and the gradient not "
+                        "shrinking (at the precision limit)")
         elif gave_up:  # a decrease, but no Wolfe point in MAX_EVALS tries: at the precision
             # limit such searches repeat every iteration, each costing MAX_EVALS passes
             self._stall(float(self.g.abs().max()) <= 10 * tol,
