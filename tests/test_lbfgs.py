@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine._lbfgs import F_ROUNDING, LBFGSState, WolfeSearch
+from engine._lbfgs import LBFGSState, WolfeSearch
+
+F_ROUNDING = 1e-6  # float32 sums' (8 epsilons), given to these float64 problems
 
 
 def quadratic(a: torch.Tensor):
@@ -101,7 +103,7 @@ def test_a_step_whose_change_in_f_is_rounding_is_taken_on_the_gradients_word():
                         (up, -0.5 * gd0, "accept"),  # past the minimum, within (2d - 1) g0
                         (up, -0.85 * gd0, "continue"),  # too far past: a real overshoot
                         (2.0 + 10 * F_ROUNDING * f0, 0.5 * gd0, "continue")]:  # f really rose
-        search = WolfeSearch(f0, gd0, 1.0)
+        search = WolfeSearch(f0, gd0, 1.0, F_ROUNDING)
         assert search.observe(f, gd, torch.zeros(1)) == want, (f, gd)
         assert search.approximate == (want == "accept")
 
@@ -122,6 +124,7 @@ def test_at_the_rounding_of_f_the_derivatives_lead_the_search_on():
         return fx + 0.5 * F_ROUNDING * float(torch.rand(1, generator=noise,
                                                         dtype=torch.float64)), g
 
-    st = minimise(LBFGSState(torch.zeros(30, 1, dtype=torch.float64)), noisy, tol=1e-12)
+    st = minimise(LBFGSState(torch.zeros(30, 1, dtype=torch.float64), rounding=F_ROUNDING),
+                  noisy, tol=1e-12)
     assert float((st.x - opt).abs().max()) < 1e-4
     assert len(calls) <= 1.5 * st.iterations, (len(calls), st.iterations)  # 1.35 noise-free
