@@ -273,7 +273,7 @@ class ProbeObjective:
     @staticmethod
     def penalty(w: torch.Tensor, l2: float) -> float:
         """(lambda / 2) ||W||_F^2 of one probe's weights W (D, C), summed in float64."""
-        return 0.5 * l2 * float((w.double() ** 2).sum())
+        return 0.5 * l2 * float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
 
     @staticmethod
     def penalty_gradient(g: torch.Tensor, w: torch.Tensor, l2: torch.Tensor) -> None:
@@ -517,18 +517,17 @@ class ProbeObjective:
             by_layer.setdefault(point.layer, []).append(i)
         for layer, at in by_layer.items():
             dj = self.dims[layer]
-            grad = partials[at[0]].gradient is not None
-            if grad:  # (D+1, K, C), the penalty of the K probes added at once
-                g = torch.stack([partials[i].gradient for i in at], dim=1)
-                theta = torch.stack([points[i].theta for i in at], dim=1)
-                l2 = self.strengths([points[i].l2 for i in at], g.dtype)
-                self.penalty_gradient(g[:dj], theta[:dj], l2)
-            for m, i in enumerate(at):
+            for i in at:
                 point, part = points[i], partials[i]
+                g = None
+                if part.gradient is not None:  # its own tensor: lambda W + dL/dW, and db
+                    g = torch.empty_like(point.theta)
+                    torch.add(part.gradient[:dj], point.theta[:dj], alpha=point.l2,
+                              out=g[:dj])
+                    g[dj] = part.gradient[dj]
                 total = max(self.total(point.task, split, n, pooled), 1e-300)
                 loss = part.loss / total
-                out[i] = Value(loss, loss + self.penalty(point.theta[:dj], point.l2),
-                               g[:, m].clone() if grad else None,
+                out[i] = Value(loss, loss + self.penalty(point.theta[:dj], point.l2), g,
                                1.0 - part.top1 / total, 1.0 - part.top5 / total)
         return out
 
