@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +120,24 @@ def test_baselines_ride_one_solve_and_equal_one_fit_at_a_time(tmp_path):
     assert sk["fits"] == 3 * (2 + 3) and sk["left_out"] == ["input"]  # 784 features
     assert json.loads((tmp_path / "b.json").read_text())["results"] == json.loads(
         json.dumps(rows, default=float))
+
+
+def test_the_device_script_calls_modules_and_flags_that_exist(capsys):
+    """benchmarks/gpu.sh runs where nothing can be fixed between its steps (a task's device
+    time is 15 minutes): every benchmark it calls must exist and take every flag it is
+    given, and every test file it names must exist."""
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r"python3 -m (benchmarks\.\w+)([^|\n]*)", script)
+    assert {m for m, _ in calls} == {"benchmarks.capture", "benchmarks.solve",
+                                     "benchmarks.kernel", "benchmarks.imagenet_scale"}
+    for module, args in calls:
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", args))
+        assert "--json" in flags, module  # its figures must come back under $OUT
+        with pytest.raises(SystemExit):
+            importlib.import_module(module).main(["--help"])
+        usage = capsys.readouterr().out
+        for flag in flags:
+            assert re.search(rf"(?<![\w-]){flag}(?![\w-])", usage), (module, flag)
+    tests = re.findall(r"tests/test_\w+\.py", script)
+    assert tests and all((root / t).is_file() for t in tests), tests
