@@ -70,6 +70,7 @@ IMAGENET_ROWS = 1_281_167
 #: for a few rows per class)
 GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 QUICK_GRID = (1e-3, 1e-2)
+PEERS = ("sklearn-lbfgs", "sklearn-newton-cg", "cyanure", "torch-lbfgs")
 #: every gradient-based solver stops at max |grad| <= TOL (scikit-learn's lbfgs rule). At
 #: 1e-5 the rule let objectives stop 1e-4 to 1e-3 (relative) apart at lambda 1e-3 (flat
 #: directions of curvature lambda: a gap of about |g|^2 / (2 lambda) per coordinate)
@@ -245,8 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peer-rows", type=int,
                     help="rows for the CPU peers with --device cuda (default 4,000)")
-    ap.add_argument("--peers", nargs="*",
-                    default=["sklearn-lbfgs", "sklearn-newton-cg", "cyanure", "torch-lbfgs"])
+    ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     rows = args.rows or (2000 if args.quick else 8000)

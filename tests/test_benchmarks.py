@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import precision
 from benchmarks import solve as bench
+from benchmarks.imagenet_scale import PEERS
 
 
 def test_resnet50_shaped_pass_reports_time_against_the_gemm_floor():
@@ -139,5 +140,7 @@ def test_the_device_script_calls_modules_and_flags_that_exist(capsys):
         usage = capsys.readouterr().out
         for flag in flags:
             assert re.search(rf"(?<![\w-]){flag}(?![\w-])", usage), (module, flag)
+    peers = re.search(r"--peers ([\w -]+?) --", script).group(1).split()
+    assert peers and set(peers) <= set(PEERS), peers  # else it fails after ours has run
     tests = re.findall(r"tests/test_\w+\.py", script)
     assert tests and all((root / t).is_file() for t in tests), tests
