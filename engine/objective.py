@@ -598,7 +598,7 @@ class ProbeObjective:
         ys = y.view(-1, y.shape[-1])
         m = k // len(ys)
         for t, yt in enumerate(ys):  # z now holds dZ
-            self.softmax_xent(z[:, :, t * m * c :], m, yt, 1.0 / len(yt), True)
+            self.softmax_xent(z[:, :, t * m * c :], m, yt, 1.0 / len(yt), True, hits=False)
         grad = torch.empty_like(theta)
         grad[:d].view(d, kc).copy_(torch.mm(z[0].T, xb[0]).T)
         grad[d] = self.bias_gradient(z)[0].view(k, self.num_classes)
