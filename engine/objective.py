@@ -393,7 +393,7 @@ class ProbeObjective:
         logits = z[:, : m * c].view(rows, m, c).transpose(0, 1)  # (m, B, C) view
         if weights is None:
             return self._kernel(logits, y, scale, grad, hits)
-        return weighted_softmax_xent(logits, y, weights, scale, grad)
+        return weighted_softmax_xent(logits, y, weights, scale, grad, hits)
 
     def _scale(self, task: str, split: str, n: int, pooled: bool) -> float:
         """1 / the N of ``task``'s mean loss: what its dZ is scaled by."""
@@ -607,28 +607,39 @@ class ProbeObjective:
 
 
 def weighted_softmax_xent(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                          scale: float, grad: bool) -> tuple[torch.Tensor, ...]:
+                          scale: float, grad: bool, hits: bool = True
+                          ) -> tuple[torch.Tensor, ...]:
     """The softmax-cross-entropy kernel with row weights (a task's class weights): logits
     (K, B, C) (overwritten with ``(softmax - onehot) * weight * scale`` when ``grad``),
     labels (B,) (:data:`engine._tasks.IGNORE` rows count for nothing), weights (B,).
-    Returns the weighted loss sums and top-1 / top-5 hits, each (K,)."""
+    Returns the weighted loss sums and top-1 / top-5 hits, each (K,) (the hits None without
+    ``hits``); computed as the reference kernel computes them."""
     k, b, c = logits.shape
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     keep = labels >= 0
     w = torch.where(keep, weights.to(z.dtype), 0.0)
     y = torch.where(keep, labels, 0).view(1, b, 1).expand(k, b, 1)
-    logp = torch.log_softmax(z, dim=2)
     picked = z.gather(2, y)
-    loss = (-logp.gather(2, y).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
-    rank = (z > picked).sum(dim=2)  # classes strictly above the true one
-    top1 = ((z.argmax(dim=2, keepdim=True) == y).squeeze(2) * w).sum(  # as the kernel's
-        dim=1, dtype=torch.float64)
-    top5 = ((rank < 5) * w).sum(dim=1, dtype=torch.float64) if c > 5 else w.sum().double(
-        ).expand(k)
+    top1 = top5 = None
+    if hits:
+        m, top = z.max(dim=2, keepdim=True)
+        top1 = ((top == y).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
+        if c > 5:  # classes strictly above the true one
+            rank = torch.gt(z, picked).view(torch.uint8).sum(dim=2, dtype=torch.int32)
+            top5 = ((rank < 5) * w).sum(dim=1, dtype=torch.float64)
+        else:
+            top5 = w.sum().double().expand(k)
+    else:
+        m = z.amax(dim=2, keepdim=True)
+    e = z.sub_(m).exp_() if grad and z.data_ptr() == logits.data_ptr() else (z - m).exp_()
+    s = e.sum(dim=2, keepdim=True)
+    loss = (s.log().add_(m).sub_(picked).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
     if grad:
-        g = logp.exp_()
-        g.scatter_add_(2, y, torch.full_like(picked, -1.0))
-        logits.copy_(g.mul_((w * scale).view(1, b, 1)))
+        ws = (w * scale).view(1, b, 1)
+        g = e.mul_(ws / s)
+        g.scatter_add_(2, y, (-ws).expand(k, b, 1))
+        if g.data_ptr() != logits.data_ptr():
+            logits.copy_(g)
     return loss, top1, top5
 
 

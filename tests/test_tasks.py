@@ -17,7 +17,8 @@ from engine import _lbfgs, _tasks
 from engine._fit import objective_for
 from engine._sources import ProbeData
 from engine.errors import DataError, InvalidArgumentError, SplitNotFoundError
-from engine.objective import Point
+from engine.kernels.reference import softmax_xent
+from engine.objective import Point, weighted_softmax_xent
 from engine.options import SolveOptions
 
 LAM = 1e-2
@@ -74,6 +75,35 @@ def test_a_task_on_a_subset_of_rows_is_scikit_learn_on_that_subset():
     ours = objective(x[subset], y[subset], theta[:-1], theta[-1], LAM)
     ref = objective(x[subset], y[subset], clf.coef_.T, clf.intercept_, LAM)
     assert abs(ours - ref) <= 1e-6 * ref
+
+
+def test_the_weighted_kernel_is_the_row_weighted_cross_entropy_and_its_gradient():
+    gen = torch.Generator().manual_seed(4)
+    k, b, c = 3, 50, 12
+    z = (4 * torch.randn(b, k * c, generator=gen, dtype=torch.float64)).view(b, k, c)
+    logits = z.transpose(0, 1)  # (K, B, C) strided, as the solver's
+    fresh = logits.clone()  # logits get the gradient below
+    y = torch.randint(0, c, (b,), generator=gen)
+    y[::7] = _tasks.IGNORE
+    w = torch.rand(b, generator=gen, dtype=torch.float64) + 0.5
+    keep = y >= 0
+    t = logits.detach().clone().requires_grad_()
+    per_row = torch.stack([torch.nn.functional.cross_entropy(
+        t[j], y.clamp(min=0), reduction="none") for j in range(k)])  # (K, B)
+    want = (per_row * torch.where(keep, w, 0.0)).sum(dim=1)
+    want.sum().backward()
+    plain = softmax_xent(logits.clone(), y, scale=0.5, ignore_index=_tasks.IGNORE)
+    loss, top1, top5 = weighted_softmax_xent(logits, y, w, 0.5, True)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(logits, 0.5 * t.grad, rtol=1e-12, atol=1e-15)  # in place
+    # unit weights count the reference kernel's hits
+    _, top1_ones, top5_ones = weighted_softmax_xent(fresh.clone(), y, torch.ones_like(w),
+                                                    0.5, False)
+    assert torch.equal(top1_ones, plain[2].double()) and torch.equal(top5_ones,
+                                                                      plain[3].double())
+    assert 0 < float(top1.sum()) < float(top5.sum())
+    assert weighted_softmax_xent(fresh.clone(), y, w, 0.5, True, hits=False)[1:] == (None,
+                                                                                    None)
 
 
 def test_balanced_class_weights_are_scikit_learns():
