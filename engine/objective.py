@@ -29,7 +29,6 @@ This module is a documented internal seam: the drivers, the tests and the benchm
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from ._features import FeatureCache
 from ._tasks import IGNORE, Task
 from .errors import InvalidArgumentError
 from .kernels import softmax_xent
+from .kernels.reference import softmax_rows
 from .kernels.reference import softmax_xent as reference_softmax_xent
 
 __all__ = ["BLOCK_BYTES", "SPARSE_SHARE", "Kernel", "Partial", "Point", "ProbeObjective",
@@ -154,15 +154,6 @@ def kernel_function(kernel: str | Kernel) -> Kernel:
     return table[kernel]
 
 
-def _takes_hits(kernel: Kernel) -> bool:
-    """Whether ``kernel`` may skip the hit counts: it says so by taking ``hits`` (the
-    seam's kernels do; the tests' emulated ones count them always)."""
-    try:
-        return "hits" in inspect.signature(kernel).parameters
-    except (TypeError, ValueError):  # no signature to read (a builtin): call it plainly
-        return False
-
-
 class ProbeObjective:
     """L_k, its gradient and metrics for many probes at once (see the module docs).
 
@@ -184,7 +175,6 @@ class ProbeObjective:
         # several classes per row: a sigmoid probe per class (the fused kernel is softmax)
         self.kernel = sigmoid_xent if self.multilabel and not callable(kernel) else \
             kernel_function(kernel)
-        self._hits_optional = _takes_hits(self.kernel)
         self.block_bytes = block_bytes
         # the K*C logit columns of a full-batch pass padded: MKL's float32 GEMMs with a thin
         # side of 10 (or 60) columns run several times slower than with 16 (or 64)
@@ -266,12 +256,9 @@ class ProbeObjective:
 
     def _kernel(self, logits: torch.Tensor, y: torch.Tensor, scale: float, grad: bool,
                 hits: bool) -> tuple[torch.Tensor, ...]:
-        """``(loss sums, top-1 hits, top-5 hits)`` of the kernel on (K, B, C) logits; the
-        counts None when not ``hits`` and the kernel can skip them."""
-        if hits or not self._hits_optional:
-            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad)
-        else:
-            _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad, hits=False)
+        """``(loss sums, top-1 hits, top-5 hits)`` of the kernel on (K, B, C) logits (the
+        counts may be None without ``hits``)."""
+        _, loss, top1, top5 = self.kernel(logits, y, scale=scale, grad=grad, hits=hits)
         return loss, top1, top5
 
     def bias_gradient(self, dz: torch.Tensor) -> torch.Tensor:
@@ -620,34 +607,16 @@ def weighted_softmax_xent(logits: torch.Tensor, labels: torch.Tensor, weights: t
     """The softmax-cross-entropy kernel with row weights (a task's class weights): logits
     (K, B, C) (overwritten with ``(softmax - onehot) * weight * scale`` when ``grad``),
     labels (B,) (:data:`engine._tasks.IGNORE` rows count for nothing), weights (B,).
-    Returns the weighted loss sums and top-1 / top-5 hits, each (K,) (the hits None without
-    ``hits``); computed as the reference kernel computes them."""
-    k, b, c = logits.shape
-    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    Returns the weighted loss sums and top-1 / top-5 hits, each (K,) float64 (the hits None
+    without ``hits``): the reference kernel's rows, weighted."""
     keep = labels >= 0
-    w = torch.where(keep, weights.to(z.dtype), 0.0)
-    y = torch.where(keep, labels, 0).view(1, b, 1).expand(k, b, 1)
-    picked = z.gather(2, y)
-    top1 = top5 = None
+    arith = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    w = torch.where(keep, weights.to(arith), 0.0)
+    loss, top1, top5 = softmax_rows(logits, torch.where(keep, labels, 0), w, scale,
+                                    grad=grad, hits=hits)
+    loss = (loss * w).sum(dim=1, dtype=torch.float64)
     if hits:
-        m, top = z.max(dim=2, keepdim=True)
-        top1 = ((top == y).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
-        if c > 5:  # classes strictly above the true one
-            rank = torch.gt(z, picked).view(torch.uint8).sum(dim=2, dtype=torch.int32)
-            top5 = ((rank < 5) * w).sum(dim=1, dtype=torch.float64)
-        else:
-            top5 = w.sum().double().expand(k)
-    else:
-        m = z.amax(dim=2, keepdim=True)
-    e = z.sub_(m).exp_() if grad and z.data_ptr() == logits.data_ptr() else (z - m).exp_()
-    s = e.sum(dim=2, keepdim=True)
-    loss = (s.log().add_(m).sub_(picked).squeeze(2) * w).sum(dim=1, dtype=torch.float64)
-    if grad:
-        ws = (w * scale).view(1, b, 1)
-        g = e.mul_(ws / s)
-        g.scatter_add_(2, y, (-ws).expand(k, b, 1))
-        if g.data_ptr() != logits.data_ptr():
-            logits.copy_(g)
+        top1, top5 = ((t * w).sum(dim=1, dtype=torch.float64) for t in (top1, top5))
     return loss, top1, top5
 
 

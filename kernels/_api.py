@@ -19,9 +19,8 @@ def softmax_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1
                  grad: bool = True, ignore_index: int = -1, hits: bool = True):
     """Loss sums, hit counts and (in place) gradient of K probes' (K, B, C) logits; see
     :func:`engine.kernels.reference.softmax_xent` for the contract."""
-    if uses_cuda_kernel(logits.device, logits.dtype):  # its hits cost nothing: one pass
-        g, loss, top1, top5 = cuda.softmax_xent(logits, labels, scale=scale, grad=grad,
-                                                ignore_index=ignore_index)
-        return (g, loss, top1, top5) if hits else (g, loss, None, None)
+    if uses_cuda_kernel(logits.device, logits.dtype):
+        return cuda.softmax_xent(logits, labels, scale=scale, grad=grad,
+                                 ignore_index=ignore_index, hits=hits)
     return reference.softmax_xent(logits, labels, scale=scale, grad=grad,
                                   ignore_index=ignore_index, hits=hits)

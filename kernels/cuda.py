@@ -164,8 +164,9 @@ def softmax_xent(
     grad: bool = True,
     ignore_index: int = -1,
     out: torch.Tensor | Sequence[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
+    hits: bool = True,
+) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor, torch.Tensor | None,
+           torch.Tensor | None]:
     """The fused kernel; the signature of :func:`engine.kernels.reference.softmax_xent`.
 
     Args:
@@ -175,6 +176,8 @@ def softmax_xent(
         scale: the gradient is ``(softmax(logits) - onehot(labels)) * scale``.
         grad: write the gradient (into ``out``, else over ``logits``).
         out: where the gradient goes, shaped and typed like ``logits``.
+        hits: return the hit counts (the kernel counts them in the same sweep whatever
+            this says; without, both are None, as the reference's).
 
     Returns:
         ``(gradient or None, loss_sum (K,) float64, top1_hits (K,) int64, top5_hits (K,)
@@ -210,4 +213,4 @@ def softmax_xent(
     result = None
     if grad:
         result = logits if out is None else out
-    return result, loss, top1, top5
+    return (result, loss, top1, top5) if hits else (result, loss, None, None)

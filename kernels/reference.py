@@ -45,38 +45,48 @@ def softmax_xent(
     k, b, c = logits.shape
     if labels.shape != (b,):
         raise InvalidArgumentError(f"labels must be ({b},), got {tuple(labels.shape)}")
+    keep = labels != ignore_index
+    loss, top1, top5 = softmax_rows(logits, torch.where(keep, labels, 0), keep, scale,
+                                    grad=grad, hits=hits)
+    loss = loss.masked_fill_(~keep, 0.0).sum(dim=1)
+    if hits:
+        top1, top5 = (t.logical_and_(keep).sum(dim=1) for t in (top1, top5))
+    return (logits if grad else None), loss, top1, top5
+
+
+def softmax_rows(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                 scale: float, *, grad: bool, hits: bool) -> tuple[torch.Tensor, ...]:
+    """The per-row pass under :func:`softmax_xent` (and the row-weighted kernel of
+    :mod:`engine.objective`): logits (K, B, C), labels (B,) in [0, C), weight (B,) each
+    row's weight (0: not counted). Returns, per probe and row (K, B), the cross-entropy and,
+    with ``hits``, the top-1 and top-5 hit masks (else None); with ``grad`` the logits are
+    overwritten with ``(softmax - onehot) * weight * scale``."""
+    k, b, c = logits.shape
     # float32 and float64 are kept as they are; half precisions are read in float32
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    keep = labels != ignore_index
-    y = torch.where(keep, labels, 0)
-    at = y.view(1, b, 1).expand(k, b, 1)
+    at = labels.view(1, b, 1).expand(k, b, 1)
     picked = z.gather(2, at)  # (K, B, 1)
     # one read gives the row max and the first index of it (argmax's tie rule); a bool
     # summed as uint8 counts about 1.7x faster than as bool: every pass reads K x B x C
+    top1 = top5 = None
     if hits:
         m, top = z.max(dim=2, keepdim=True)
-        top1 = (top.squeeze(2) == y).logical_and_(keep).sum(dim=1)
-        if c > 5:
-            rank = torch.gt(z, picked).view(torch.uint8).sum(dim=2, dtype=torch.int32)
-            top5 = (rank < 5).logical_and_(keep).sum(dim=1)  # < 5 classes strictly above
+        top1 = top.squeeze(2) == labels
+        if c > 5:  # fewer than 5 classes strictly above the label's
+            top5 = torch.gt(z, picked).view(torch.uint8).sum(dim=2, dtype=torch.int32) < 5
         else:
-            top5 = keep.sum().expand(k).clone()
+            top5 = torch.ones_like(top1)
     else:
-        m, top1, top5 = z.amax(dim=2, keepdim=True), None, None
-    if not grad:
-        lse = (z - m).exp_().sum(dim=2, keepdim=True).log_().add_(m)
-        loss = (lse - picked).squeeze(2).masked_fill_(~keep, 0.0).sum(dim=1)
-        return None, loss, top1, top5
-    # exp once, over the logits themselves (no K x B x C temporary), normalised by its row
-    # sum: each row of the gradient then sums to zero to rounding, which exp(z - lse) with
-    # lse rounded does not (a bias of the order of lse's rounding in every entry)
-    e = z.sub_(m).exp_() if z.data_ptr() == logits.data_ptr() else (z - m).exp_()
+        m = z.amax(dim=2, keepdim=True)
+    # exp once, over the logits themselves when they get the gradient (no K x B x C
+    # temporary), normalised by its row sum: each row of the gradient then sums to zero to
+    # rounding, which exp(z - lse) with lse rounded does not (lse's rounding in every entry)
+    e = z.sub_(m).exp_() if grad and z.data_ptr() == logits.data_ptr() else (z - m).exp_()
     s = e.sum(dim=2, keepdim=True)
-    loss = s.log().add_(m).sub_(picked).squeeze(2).masked_fill_(~keep, 0.0).sum(dim=1)
-    w = keep.view(1, b, 1).to(e.dtype) * scale  # (1, B, 1): ignored rows weigh nothing
-    g = e.mul_(w / s)
-    g.scatter_add_(2, at, (-w).expand(k, b, 1))
-    if g.data_ptr() != logits.data_ptr():
-        logits.copy_(g)
-        g = logits
-    return g, loss, top1, top5
+    loss = s.log().add_(m).sub_(picked).squeeze(2)
+    if grad:
+        w = weight.to(e.dtype).view(1, b, 1) * scale
+        e.mul_(w / s).scatter_add_(2, at, (-w).expand(k, b, 1))
+        if e.data_ptr() != logits.data_ptr():
+            logits.copy_(e)
+    return loss, top1, top5

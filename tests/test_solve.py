@@ -444,17 +444,17 @@ def test_solver_gradient_equals_autograd(probe_objective):
     assert v.objective == out[2].objective
 
 
-@pytest.mark.parametrize("kernel", ["torch", "emulated"])
+@pytest.mark.parametrize("kernel", ["torch", "counting"])
 def test_passes_without_hits_keep_the_objective_and_gradient_and_count_nothing(
         probe_objective, kernel):
-    # an optimiser's passes skip the hit counts; a kernel without ``hits`` (the tests'
-    # host-emulated ones) counts them anyway, and they are dropped all the same
+    # an optimiser's passes skip the hit counts; a kernel that counts them anyway (as the
+    # fused one does in its one sweep) has them dropped all the same
     obj, feats, y = probe_objective
-    if kernel == "emulated":
-        def plain(logits, labels, *, scale=1.0, grad=True):
+    if kernel == "counting":
+        def counting(logits, labels, *, scale=1.0, grad=True, hits=True):
             return reference_softmax_xent(logits, labels, scale=scale, grad=grad)
 
-        obj = ProbeObjective(obj.features, kernel=plain, block_bytes=1)
+        obj = ProbeObjective(obj.features, kernel=counting, block_bytes=1)
     gen = torch.Generator().manual_seed(3)
     points = [Point(layer, lam, torch.randn(feats[layer].shape[1] + 1, 7, dtype=torch.float64,
                                             generator=gen))
