@@ -87,9 +87,9 @@ class WolfeSearch:
     """Strong-Wolfe line search along ``d`` from (f0, g0 . d); ``propose`` gives the next
     step, ``observe`` takes its value and returns "accept", "continue" or "fail".
     ``rounding``: the relative change of f below which f cannot rank points (then the
-    directional derivative does, see the module docs)."""
+    directional derivative does, see the module docs); 0: f ranks them all."""
 
-    def __init__(self, f0: float, gd0: float, alpha0: float, rounding: float = 1e-6):
+    def __init__(self, f0: float, gd0: float, alpha0: float, rounding: float = 0.0):
         self.start = _Point(0.0, f0, gd0, None)
         self.rounding = rounding  # relative: f this close to f0 is f0 to working precision
         self.prev = self.start
@@ -209,6 +209,7 @@ class LBFGSState:
     search: WolfeSearch | None = None
     stalled: bool = False  # the last iteration made no progress; the next one restarts
     rounding: float | None = None  # the searches' (WolfeSearch); None: from x's dtype
+    gmax: float = math.inf  # max |g| at x after the last iteration
 
     def direction(self) -> torch.Tensor:
         """-H g by the two-loop recursion; H0 = (s.y / y.y) I, or with a preconditioner M,
@@ -259,13 +260,13 @@ class LBFGSState:
             if len(self.s) == self.history:
                 self.s.popleft(), self.y.popleft(), self.rho.popleft()
             self.s.append(step), self.y.append(y), self.rho.append(1.0 / ys)
-        f_old, gmax_old = self.f, float(self.g.abs().max())
+        f_old, gmax_old = self.f, self.gmax
         self.x = self.x + step
         self.f, self.g = point.f, point.g
         self.iterations += 1
         gave_up, approximate = self.search.gave_up, self.search.approximate
         self.search = None
-        gmax = float(self.g.abs().max())
+        self.gmax = gmax = float(self.g.abs().max())
         if gmax <= tol:
             self.done, self.converged, self.reason = True, True, "gradient below tol"
         elif abs(f_old - self.f) <= 1e-12 * max(abs(f_old), abs(self.f), 1.0):
@@ -276,7 +277,7 @@ class LBFGSState:
                         "shrinking (at the precision limit)")
         elif gave_up:  # a decrease, but no Wolfe point in MAX_EVALS tries: at the precision
             # limit such searches repeat every iteration, each costing MAX_EVALS passes
-            self._stall(float(self.g.abs().max()) <= 10 * tol,
+            self._stall(gmax <= 10 * tol,
                         "line search found no Wolfe point (at the precision limit)")
         else:
             self.stalled = False
