@@ -195,14 +195,14 @@ class FeatureCache:
         todo = [(s, layer) for s in splits for layer in layers if not self._placed(s, layer)]
         if not todo:
             return
-        if self._reserve == 0 and self._stored_bytes(todo) > self._left:
-            self._hold_back(todo)  # something will stream: keep room for its blocks
-        elif self._reserve == 0:
+        if self._reserve == 0:  # something will stream: keep room for its blocks
             rest = [(s, layer) for s in self.data.splits for layer in self.data.layers
                     if not self._placed(s, layer)]
-            if self._stored_bytes(rest) > self._left:
-                # a later load will stream (SGD places each layer as it finishes): keep
-                # room for its blocks now, beside this load, while there is some
+            if self._stored_bytes(todo) > self._left:
+                self._hold_back(todo)
+            elif self._stored_bytes(rest) > self._left:
+                # a later load will (SGD places each layer as it finishes): keep room for
+                # its blocks now, beside this load, while there is some
                 self._hold_back(rest, room=self._left - self._stored_bytes(todo))
         wide = sum(self.data.rows(s) * self.data.dims[layer] for s, layer in todo)
         # upcast only when everything fits upcast: a budget is spent on rows, not precision
