@@ -12,18 +12,19 @@ at every lambda and at the refit, must be within ``REL_GAP`` of the lowest any s
 
 Side by side, one after another in one process, each timed for the whole protocol:
 
-- ours: ``engine.solve(store, l2=GRID)`` (every lambda batched, L-BFGS), then the refit;
+- ours: ``engine.solve(store, l2=GRID, refit=True)`` (every lambda batched, L-BFGS, then
+  the refit), the protocol in one call;
+- a torch L-BFGS loop: ``nn.Linear`` + ``torch.optim.LBFGS`` (strong Wolfe) per lambda;
 - scikit-learn ``LogisticRegression``: ``lbfgs``, and ``newton-cg``, its other multinomial
   solver that fits here (``newton-cholesky`` would build the (D + 1) C = 2.05M-square
   Hessian; ``sag`` / ``saga`` need ~N epochs per digit at these lambdas);
 - cyanure's ``Classifier`` (``multiclass-logistic``, its default solver; optional, the
-  ``bench`` extra), to a relative duality gap of ``REL_GAP`` or ``CYANURE_EPOCHS`` epochs;
-- a torch L-BFGS loop: ``nn.Linear`` + ``torch.optim.LBFGS`` (strong Wolfe) per lambda.
+  ``bench`` extra), to a relative duality gap of ``REL_GAP`` or ``CYANURE_EPOCHS`` epochs.
 
 Then ours alone:
 
 - out-of-core: one pass (loss + gradient of every lambda's probe) with train streamed from
-  the store (``max_memory`` a third of its features) against the same pass resident, and
+  the store (``max_memory`` half of its float16 bytes) against the same pass resident, and
   the grid solved streamed against resident;
 - cost slopes: seconds per pass at N/4, N/2, N rows and at D/4, D/2, D features (log-log);
 - extrapolation to ImageNet's 1,281,167 train rows: each solver's protocol time times
@@ -70,7 +71,9 @@ IMAGENET_ROWS = 1_281_167
 #: for a few rows per class)
 GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 QUICK_GRID = (1e-3, 1e-2)
-PEERS = ("sklearn-lbfgs", "sklearn-newton-cg", "cyanure", "torch-lbfgs")
+#: the peers, in the order they run (whatever the order asked): torch's before the others'
+#: thread pools have run in this process (see main)
+PEERS = ("torch-lbfgs", "sklearn-lbfgs", "sklearn-newton-cg", "cyanure")
 #: every gradient-based solver stops at max |grad| <= TOL (scikit-learn's lbfgs rule). At
 #: 1e-5 the rule let objectives stop 1e-4 to 1e-3 (relative) apart at lambda 1e-3 (flat
 #: directions of curvature lambda: a gap of about |g|^2 / (2 lambda) per coordinate)
@@ -200,24 +203,18 @@ def protocol(fit: Fit, arrays: dict, grid) -> dict:
 
 def ours(store: engine.Store, arrays: dict, grid, device: str,
          max_memory: int | None = None) -> dict:
-    """The protocol with ``engine.solve``: the grid in one batched solve of the store, then
-    the refit of train + valid at the chosen lambda."""
-    xall, yall = arrays["train+valid"]
+    """The protocol as one ``engine.solve(..., refit=True)`` of the store: every lambda
+    batched, the one chosen on valid, the refit on train + valid (the solve's result)."""
     run = f"grid-{time.perf_counter_ns()}"
     t0 = time.perf_counter()
     res = engine.solve(store, l2=list(grid), tol=TOL, max_iter=10_000, device=device,
-                       run=run, max_memory=max_memory, progress=False)
-    best = float(res.table.l2.iloc[0])
-    t_grid = time.perf_counter() - t0
-    # the refit's rows are in memory already (the peers' arrays): no budget to keep there
-    refit = engine.solve({LAYER: xall}, labels=yall, l2=best, tol=TOL, max_iter=10_000,
-                         device=device, progress=False)
+                       run=run, max_memory=max_memory, refit=True, progress=False)
     seconds = time.perf_counter() - t0
     grid_rows = res.grid.set_index("l2")
-    return {"seconds": seconds, "grid_s": t_grid, "best": best,
+    return {"seconds": seconds, "best": float(res.table.l2.iloc[0]),
             "objectives": {float(lam): float(grid_rows.loc[lam, "objective"]) for lam in grid},
-            "chosen": res.weights[LAYER], "refit": refit.weights[LAYER],
-            "features": res.backends[LAYER]["features"]}
+            "iterations": {float(lam): int(grid_rows.loc[lam, "iterations"]) for lam in grid},
+            "refit": res.weights[LAYER], "features": res.backends[LAYER]["features"]}
 
 
 def pass_seconds(x: np.ndarray, y: np.ndarray, grid, device: torch.device,
@@ -249,6 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    args.peers = sorted(set(args.peers), key=PEERS.index)
     rows = args.rows or (2000 if args.quick else 8000)
     grid = QUICK_GRID if args.quick else GRID
     device = torch.device(args.device)
@@ -283,11 +281,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"peers read it in {load_s:.1f} s (not timed)", flush=True)
 
         solved = {"ours": ours(store, arrays, grid, args.device)}
-        print(f"ours: {solved['ours']['seconds']:.1f} s (grid {solved['ours']['grid_s']:.1f} s,"
-              f" features {solved['ours']['features']})", flush=True)
-        # Everything of ours runs before the peers: once scikit-learn and cyanure have run
-        # their thread pools in this process, MKL's threaded QR (the preconditioner's) was
-        # seen to spin without end (sched_yield in mkl_lapack_sgeqrf; two OpenMP runtimes).
+        print(f"ours: {solved['ours']['seconds']:.1f} s (iterations "
+              f"{solved['ours']['iterations']}, features {solved['ours']['features']})",
+              flush=True)
+        # Everything of ours runs before the peers, and the torch loop before scikit-learn
+        # and cyanure: once those have run their thread pools in this process, MKL's
+        # threaded QR (the preconditioner's) was seen to spin without end (sched_yield in
+        # mkl_lapack_sgeqrf; two OpenMP runtimes), and after a cyanure fit the torch loop
+        # ran 1.9x slower (2.6 -> 4.9 s at 2,000 rows; scikit-learn leaves it as it was).
         # cost slopes of ours, then the out-of-core pass against the resident one
         ns = [rows // 4, rows // 2, rows]
         tn = [pass_seconds(xtr[:n], ytr[:n], grid, device)[0] for n in ns]
@@ -320,11 +321,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   flush=True)
 
         # the objective of every solver at every lambda, in float64 (ours: its own float32
-        # sums at the lambdas it did not choose; refits recomputed here for all)
+        # sums; its result is the refit, recomputed here as every refit is)
         xall, yall = arrays["train+valid"]
         objectives = {"ours": dict(solved["ours"]["objectives"])}
-        objectives["ours"][solved["ours"]["best"]] = objective(
-            *solved["ours"]["chosen"], xtr, ytr, solved["ours"]["best"])
         refit_obj = {"ours": objective(*solved["ours"]["refit"], xall, yall,
                                        solved["ours"]["best"])}
         for name in args.peers:
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            if name in refit_obj else []))
                 for name, o in objectives.items()}
 
-        print("objectives (float64; ours at lambdas it did not keep: its float32 sums):")
+        print("objectives (float64; ours on train: its float32 sums):")
         for name, o in objectives.items():
             print(f"  {name:<18} " + " ".join(f"{o[lam]:.7f}" for lam in grid)
                   + (f"  refit {refit_obj[name]:.7f}" if name in refit_obj else ""))
