@@ -42,7 +42,7 @@ from ._features import FeatureCache
 from ._tasks import IGNORE, Task
 from .errors import InvalidArgumentError
 from .kernels import softmax_xent
-from .kernels.reference import softmax_rows
+from .kernels.reference import EXP_FLOOR, softmax_rows
 from .kernels.reference import softmax_xent as reference_softmax_xent
 
 __all__ = ["BLOCK_BYTES", "SPARSE_SHARE", "Kernel", "Partial", "Point", "ProbeObjective",
@@ -633,7 +633,10 @@ def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1
     k, b, c = logits.shape
     z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     y = labels.to(z.dtype).unsqueeze(0)  # (1, B, C)
-    loss = (F.softplus(z) - y * z).sum(dim=(1, 2), dtype=torch.float64)
+    # floored as the softmax's exponent is (EXP_FLOOR: no denormals), a change of at most
+    # e^-60 per entry
+    low = z.clamp(min=EXP_FLOOR)
+    loss = (F.softplus(low) - y * z).sum(dim=(1, 2), dtype=torch.float64)
     top1 = top5 = None
     if hits:
         top = z.topk(min(5, c), dim=2).indices  # (K, B, 5)
@@ -642,6 +645,6 @@ def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor, *, scale: float = 1
         top5 = found.any(dim=2).sum(dim=1)
     if not grad:
         return None, loss, top1, top5
-    g = torch.sigmoid(z).sub_(y).mul_(scale)
+    g = low.sigmoid_().sub_(y).mul_(scale)
     logits.copy_(g)
     return logits, loss, top1, top5

@@ -64,6 +64,23 @@ def test_the_kernel_matches_autograd():
     assert top1.tolist() == [int(y[torch.arange(7), best[k]].sum()) for k in range(3)]
 
 
+def test_very_negative_logits_give_no_denormal_gradient():
+    # sigmoid(z) under e^-87 is a float32 denormal (slow on x86): floored at EXP_FLOOR
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 64, 50, generator=gen) * 60.0
+    y = (torch.rand(64, 50, generator=gen) > 0.5).float()
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(
+        z.double(), y.double().expand(2, 64, 50), reduction="none").sum(dim=(1, 2))
+    plain = torch.sigmoid(z) * 1e-6
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((plain != 0) & (plain < tiny)).any()  # what is avoided
+    g, loss, _, _ = sigmoid_xent(z.clone(), y, scale=1e-6, grad=True, hits=False)
+    assert not ((g != 0) & (g.abs() < tiny)).any()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-3)
+    want = (torch.sigmoid(z.double()) - y) * 1e-6
+    torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-12)  # float32 rounding
+
+
 def test_average_precision_is_scikit_learns_with_ties():
     rng = np.random.default_rng(1)
     s = rng.integers(0, 5, 200).astype(float)  # many ties
