@@ -14,10 +14,10 @@ __all__ = ["softmax_xent"]
 
 #: floor of exp's argument ``z - max``. Below e^-87 float32's exp returns denormals, and x86
 #: cores without flush-to-zero (torch sets it for one thread at most) compute those, and the
-#: gradient's GEMM over them, tens of times slower: one pass of four ImageNet-sized probes
-#: at an L-BFGS trial point with wide logits took 17.8 s against 0.39 s. Clamped here, a term
-#: is at least e^-60 (8.7e-27 of the row's largest: nothing in a sum of them), and so is
-#: its gradient times the 1 / (N sum) scale for any N x C below 1e11.
+#: gradient's GEMM over them, tens of times slower: a pass of two ImageNet-sized probes
+#: with logits as wide as at an L-BFGS trial point took 17.8 s against 0.39 s. Floored, a term
+#: is at least e^-60 (8.7e-27 of the row's largest: nothing in a sum of them), and its
+#: gradient, scaled by 1 / (N sum), stays a normal number for any N x C below 1e11.
 EXP_FLOOR = -60.0
 
 
@@ -89,7 +89,7 @@ def softmax_rows(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tenso
     # exp once, over the logits themselves when they get the gradient (no K x B x C
     # temporary), normalised by its row sum: each row of the gradient then sums to zero to
     # rounding, which exp(z - lse) with lse rounded does not (lse's rounding in every entry)
-    e = (z.sub_(m) if grad and z.data_ptr() == logits.data_ptr() else z - m)
+    e = z.sub_(m) if grad and z.data_ptr() == logits.data_ptr() else z - m
     e = e.clamp_(min=EXP_FLOOR).exp_()
     s = e.sum(dim=2, keepdim=True)
     loss = s.log().add_(m).sub_(picked).squeeze(2)
