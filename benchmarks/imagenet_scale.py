@@ -201,8 +201,7 @@ def protocol(fit: Fit, arrays: dict, grid) -> dict:
     return {"seconds": time.perf_counter() - t0, "fits": fits, "best": best, "refit": refit}
 
 
-def ours(store: engine.Store, arrays: dict, grid, device: str,
-         max_memory: int | None = None) -> dict:
+def ours(store: engine.Store, grid, device: str, max_memory: int | None = None) -> dict:
     """The protocol as one ``engine.solve(..., refit=True)`` of the store: every lambda
     batched, the one chosen on valid, the refit on train + valid (the solve's result)."""
     run = f"grid-{time.perf_counter_ns()}"
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"float16 store {xtr.nbytes / 2**21:,.0f} MiB of train; grid {list(grid)}; "
               f"peers read it in {load_s:.1f} s (not timed)", flush=True)
 
-        solved = {"ours": ours(store, arrays, grid, args.device)}
+        solved = {"ours": ours(store, grid, args.device)}
         print(f"ours: {solved['ours']['seconds']:.1f} s (iterations "
               f"{solved['ours']['iterations']}, features {solved['ours']['features']})",
               flush=True)
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t_res, where_res = pass_seconds(None, None, grid, device, store=store)
         t_ooc, where_ooc = pass_seconds(None, None, grid, device, budget=budget, store=store)
         t0 = time.perf_counter()
-        streamed = ours(store, arrays, grid, args.device, max_memory=budget)
+        streamed = ours(store, grid, args.device, max_memory=budget)
         t_streamed = time.perf_counter() - t0
         print(f"ours, train streamed within {budget / 2**20:.0f} MiB: {t_streamed:.1f} s; one "
               f"pass {t_ooc:.3f} s streamed ({where_ooc}), {t_res:.3f} s resident "
